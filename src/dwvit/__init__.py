@@ -1,0 +1,44 @@
+"""dwvit: Vision Transformers with depth-wise convolution shortcuts, native to Hugging Face `transformers`.
+
+Importing the package registers every family with the Auto classes and marks the classes so that
+`save_pretrained` writes the `auto_map` and code files that `trust_remote_code=True` loading needs.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+
+from .configuration_dwvit import DWViTConfig
+from .dw_layers import DepthwiseShortcut
+from .image_processing import make_image_processor
+from .modeling_dwvit import DWViTForImageClassification, DWViTModel, DWViTPreTrainedModel
+from .sizes import NAMED_SIZES, create_model, named_config
+
+__version__ = "0.1.0"
+
+_FAMILIES = [
+    (DWViTConfig, DWViTModel, DWViTForImageClassification),
+]
+
+
+def _register(config_class, base_model_class, classification_class) -> None:
+    AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    AutoModel.register(config_class, base_model_class, exist_ok=True)
+    AutoModelForImageClassification.register(config_class, classification_class, exist_ok=True)
+    config_class.register_for_auto_class()
+    base_model_class.register_for_auto_class("AutoModel")
+    classification_class.register_for_auto_class("AutoModelForImageClassification")
+
+
+for _family in _FAMILIES:
+    _register(*_family)
+
+__all__ = [
+    "DWViTConfig",
+    "DWViTModel",
+    "DWViTPreTrainedModel",
+    "DWViTForImageClassification",
+    "DepthwiseShortcut",
+    "NAMED_SIZES",
+    "named_config",
+    "create_model",
+    "make_image_processor",
+]

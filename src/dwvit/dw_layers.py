@@ -1,0 +1,137 @@
+"""Layers shared by every DW family: the depth-wise convolution shortcut, stochastic depth and the
+classification loss. Kept free of package-absolute imports so that it travels with remote code."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def block_groups(num_blocks: int, span: int) -> list[tuple[int, int]]:
+    """Split `num_blocks` consecutive blocks into half-open `(start, end)` groups of at most `span` blocks.
+
+    One depth-wise shortcut bypasses each group (the paper's variant 1 for `span > 1`); the last group is
+    shorter when `span` does not divide `num_blocks`, so a shortcut never reaches past the blocks it is given.
+    """
+    return [(start, min(start + span, num_blocks)) for start in range(0, num_blocks, span)]
+
+
+class DepthwiseConvBranch(nn.Module):
+    """BatchNorm2d followed by a k x k depth-wise convolution: one branch of the shortcut."""
+
+    def __init__(self, channels: int, kernel_size: int, batch_norm_eps: float = 1e-5):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(channels, eps=batch_norm_eps)
+        self.conv = nn.Conv2d(
+            channels, channels, kernel_size, stride=1, padding=kernel_size // 2, groups=channels, bias=True
+        )
+
+    def forward(self, grid: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.norm(grid))
+
+
+class DepthwiseShortcut(nn.Module):
+    """The paper's shortcut: GELU -> BatchNorm2d -> depth-wise Conv2d on the 2-D grid of patch tokens.
+
+    Several kernel sizes build independent parallel branches (variant 2) whose outputs are summed; the GELU
+    is shared because every branch applies it to the same input. Input and output are `(batch, H*W, C)`
+    patch tokens in row-major grid order; the caller keeps class tokens out.
+    """
+
+    def __init__(self, channels: int, kernel_sizes: list[int] | tuple[int, ...] = (3,), batch_norm_eps: float = 1e-5):
+        super().__init__()
+        self.activation = nn.GELU()
+        self.branches = nn.ModuleList(DepthwiseConvBranch(channels, k, batch_norm_eps) for k in kernel_sizes)
+
+    def forward(self, patch_tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        batch_size, num_patches, channels = patch_tokens.shape
+        if num_patches != height * width:
+            raise ValueError(
+                f"The depth-wise shortcut got {num_patches} patch tokens for a {height}x{width} grid; "
+                f"expected {height * width}."
+            )
+        # A (B, H, W, C) view permuted to NCHW is already channels-last, so no copy is made on the way in,
+        # and the channels-last convolution output permutes back to tokens without a copy either.
+        grid = patch_tokens.reshape(batch_size, height, width, channels).permute(0, 3, 1, 2)
+        grid = self.activation(grid)
+        output = self.branches[0](grid)
+        for branch in self.branches[1:]:
+            output = output + branch(grid)
+        return output.permute(0, 2, 3, 1).reshape(batch_size, num_patches, channels)
+
+
+def add_shortcut(block_output: torch.Tensor, shortcut_output: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+    """Add the shortcut to the patch tokens of `block_output`; prefix (class) tokens receive zeros."""
+    if num_prefix_tokens == 0:
+        return block_output + shortcut_output
+    prefix = block_output[:, :num_prefix_tokens]
+    return torch.cat([prefix, block_output[:, num_prefix_tokens:] + shortcut_output], dim=1)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a residual branch per sample, scaling survivors by 1 / keep probability."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return hidden_states
+        keep_prob = 1.0 - self.drop_prob
+        shape = (hidden_states.shape[0],) + (1,) * (hidden_states.ndim - 1)
+        mask = hidden_states.new_empty(shape).bernoulli_(keep_prob)
+        return hidden_states * mask / keep_prob
+
+    def extra_repr(self) -> str:
+        return f"p={self.drop_prob}"
+
+
+def drop_path_rates(drop_path_rate: float, num_blocks: int) -> list[float]:
+    """Stochastic depth rates rising linearly from 0 to `drop_path_rate` over the blocks."""
+    if num_blocks <= 1:
+        return [drop_path_rate] * num_blocks
+    return [drop_path_rate * index / (num_blocks - 1) for index in range(num_blocks)]
+
+
+def image_classification_loss(logits: torch.Tensor, labels: torch.Tensor, config) -> torch.Tensor:
+    """Loss for integer labels, soft or mixed labels (Mixup/CutMix), multi-label targets and regression.
+
+    Unlike the generic `transformers` rule, float targets of shape `(batch, num_labels)` are read as class
+    probabilities (soft cross-entropy) unless `config.problem_type` says multi-label.
+    """
+    num_labels = logits.shape[-1]
+    labels = labels.to(logits.device)
+    problem_type = getattr(config, "problem_type", None)
+    if problem_type == "regression" or (problem_type is None and num_labels == 1):
+        return F.mse_loss(logits.squeeze(-1).float(), labels.squeeze(-1).float()) if num_labels == 1 else F.mse_loss(
+            logits.float(), labels.float()
+        )
+    if problem_type == "multi_label_classification":
+        return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+    if labels.is_floating_point():
+        if labels.shape != logits.shape:
+            raise ValueError(
+                f"Soft labels must have the logits' shape {tuple(logits.shape)}; got {tuple(labels.shape)}."
+            )
+        return torch.sum(-labels.float() * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+    return F.cross_entropy(logits.float().view(-1, num_labels), labels.view(-1))
+
+
+class RemoteCodeSaveMixin:
+    """Mixin for a family's `PreTrainedModel`: a saved head model also names its bare encoder in `auto_map`.
+
+    `transformers` only records the class being saved, so `AutoModel.from_pretrained(folder,
+    trust_remote_code=True)` would otherwise find no entry for the encoder.
+    """
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        base_model = getattr(self, self.base_model_prefix, None)
+        auto_class = getattr(type(base_model), "_auto_class", None)
+        if base_model is not None and base_model is not self and auto_class is not None:
+            module_name = type(base_model).__module__.split(".")[-1]
+            auto_map = dict(getattr(self.config, "auto_map", None) or {})
+            auto_map[auto_class] = f"{module_name}.{type(base_model).__name__}"
+            self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
