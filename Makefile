@@ -17,5 +17,9 @@ install: $(STAMP)
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q tests
 
+# The main job end to end with no network: scikit-learn's handwritten digits by default, or DATASET=<folder or Hub id>.
+demo: $(STAMP)
+	HF_HUB_OFFLINE=$(if $(DATASET),0,1) $(BIN)/python examples/demo.py $(if $(DATASET),--dataset $(DATASET))
+
 clean:
 	rm -rf $(VENV) outputs

@@ -37,12 +37,34 @@ def tiny_imagenet_dir() -> Path:
     return _shared_dataset("tiny-imagenet")
 
 
+def balanced_subset(dataset, per_class: int, label_column: str = "label"):
+    """`per_class` rows of every class, interleaved (class 0, 1, ..., 0, 1, ...).
+
+    The stored CIFAR-10 splits are sorted by label, so a plain slice like `test[:256]` is a single class.
+    """
+    rows_by_class: dict[int, list[int]] = {}
+    for index, label in enumerate(dataset[label_column]):
+        rows = rows_by_class.setdefault(label, [])
+        if len(rows) < per_class:
+            rows.append(index)
+    order = [rows[i] for i in range(per_class) for _, rows in sorted(rows_by_class.items()) if i < len(rows)]
+    return dataset.select(order)
+
+
 @pytest.fixture(scope="session")
 def cifar10_test_slice(cifar10_dir):
-    """The first 256 real CIFAR-10 test images as a `datasets.Dataset`."""
+    """250 real CIFAR-10 test images, 25 of each class, interleaved, as a `datasets.Dataset`."""
     import datasets
 
-    return datasets.load_dataset(str(cifar10_dir), split="test[:256]")
+    return balanced_subset(datasets.load_dataset(str(cifar10_dir), split="test"), per_class=25)
+
+
+@pytest.fixture(scope="session")
+def cifar10_train_balanced(cifar10_dir):
+    """400 real CIFAR-10 training images, 40 of each class, interleaved."""
+    import datasets
+
+    return balanced_subset(datasets.load_dataset(str(cifar10_dir), split="train"), per_class=40)
 
 
 BLOCK_DWVIT = textwrap.dedent(
@@ -82,3 +104,63 @@ def run_without_dwvit(tmp_path):
         return result
 
     return run
+
+
+@pytest.fixture
+def fine_tune_on_cifar10(tmp_path, cifar10_train_balanced, cifar10_test_slice):
+    """Fine-tune a 32x32 image classifier with `Trainer` on real, class-balanced CIFAR-10 images and check it.
+
+    Checks that the logged training loss falls, that evaluation runs, and that the saved model reloads through
+    the Auto class with identical logits. Returns the `Trainer`.
+    """
+
+    def fine_tune(model, *, train_size=200, learning_rate=2e-3, epochs=4, batch_size=16, seed=0):
+        import numpy as np
+        import torch
+        from transformers import AutoModelForImageClassification, Trainer, TrainingArguments
+
+        import dwvit
+
+        train = cifar10_train_balanced.select(range(train_size))
+        evaluation = cifar10_test_slice.select(range(40))
+        assert len(set(train["label"])) == 10 and len(set(evaluation["label"])) == 10
+        processor = dwvit.make_image_processor(32, dataset="cifar10")
+
+        def transform(batch):
+            images = [image.convert("RGB") for image in batch["img"]]
+            return {"pixel_values": processor(images, return_tensors="pt")["pixel_values"],
+                    "labels": torch.tensor(batch["label"])}
+
+        train.set_transform(transform)
+        evaluation.set_transform(transform)
+        args = TrainingArguments(
+            output_dir=str(tmp_path / "run"),
+            per_device_train_batch_size=batch_size,
+            per_device_eval_batch_size=batch_size,
+            learning_rate=learning_rate,
+            num_train_epochs=epochs,
+            logging_steps=4,
+            save_strategy="no",
+            report_to=[],
+            remove_unused_columns=False,
+            use_cpu=True,
+            seed=seed,
+            dataloader_num_workers=0,
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation)
+        trainer.train()
+        assert trainer.state.global_step == epochs * -(-train_size // batch_size)
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        assert len(losses) >= 6
+        assert np.mean(losses[-2:]) < np.mean(losses[:2]) - 0.1, losses
+        assert np.isfinite(trainer.evaluate()["eval_loss"])
+
+        trainer.save_model(str(tmp_path / "final"))
+        reloaded = AutoModelForImageClassification.from_pretrained(tmp_path / "final").eval()
+        model.eval()
+        batch = torch.stack([evaluation[i]["pixel_values"] for i in range(4)])
+        with torch.no_grad():
+            torch.testing.assert_close(reloaded(batch).logits, model(batch).logits, atol=1e-6, rtol=0)
+        return trainer
+
+    return fine_tune

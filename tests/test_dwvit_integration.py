@@ -156,49 +156,10 @@ def test_pipeline_on_real_cifar10_images(tmp_path, cifar10_test_slice, run_witho
         np.testing.assert_allclose([e["score"] for e in ours], [e["score"] for e in theirs], atol=1e-5)
 
 
-def test_trainer_fine_tunes_on_real_cifar10(tmp_path, cifar10_dir):
-    import datasets
-
+def test_trainer_fine_tunes_on_real_cifar10(fine_tune_on_cifar10):
     torch.manual_seed(3)
-    train = datasets.load_dataset(str(cifar10_dir), split="train[:320]")
-    evaluation = datasets.load_dataset(str(cifar10_dir), split="test[:64]")
-    processor = dwvit.make_image_processor(32, dataset="cifar10")
-
-    def transform(batch):
-        pixel_values = processor([image.convert("RGB") for image in batch["img"]], return_tensors="pt")["pixel_values"]
-        return {"pixel_values": pixel_values, "labels": torch.tensor(batch["label"])}
-
-    train.set_transform(transform)
-    evaluation.set_transform(transform)
     model = cifar_model(hidden_size=64, num_attention_heads=4, intermediate_size=128)
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "run"),
-        per_device_train_batch_size=32,
-        per_device_eval_batch_size=32,
-        learning_rate=1e-3,
-        num_train_epochs=4,
-        logging_steps=5,
-        save_strategy="no",
-        report_to=[],
-        remove_unused_columns=False,
-        use_cpu=True,
-        seed=3,
-        dataloader_num_workers=0,
-    )
-    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation)
-    trainer.train()
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    assert len(losses) >= 6
-    assert np.mean(losses[-2:]) < np.mean(losses[:2]) - 0.1, losses
-    metrics = trainer.evaluate()
-    assert np.isfinite(metrics["eval_loss"])
-
-    trainer.save_model(str(tmp_path / "final"))
-    reloaded = AutoModelForImageClassification.from_pretrained(tmp_path / "final").eval()
-    model.eval()
-    batch = torch.stack([evaluation[i]["pixel_values"] for i in range(4)])
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded(batch).logits, model(batch).logits, atol=1e-6, rtol=0)
+    fine_tune_on_cifar10(model, train_size=320, learning_rate=1e-3, batch_size=32, seed=3)
 
 
 def test_cli_creates_a_named_model(tmp_path, capsys):

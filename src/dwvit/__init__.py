@@ -4,18 +4,24 @@ Importing the package registers every family with the Auto classes and marks the
 `save_pretrained` writes the `auto_map` and code files that `trust_remote_code=True` loading needs.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+from transformers import AutoBackbone, AutoConfig, AutoModel, AutoModelForImageClassification
 
 from .configuration_dwvit import DWViTConfig
+from .configuration_dwcait import DWCaiTConfig
+from .configuration_dwswin import DWSwinConfig
 from .dw_layers import DepthwiseShortcut
 from .image_processing import make_image_processor
 from .modeling_dwvit import DWViTForImageClassification, DWViTModel, DWViTPreTrainedModel
+from .modeling_dwcait import DWCaiTForImageClassification, DWCaiTModel, DWCaiTPreTrainedModel
+from .modeling_dwswin import DWSwinBackbone, DWSwinForImageClassification, DWSwinModel, DWSwinPreTrainedModel
 from .sizes import NAMED_SIZES, create_model, named_config
 
 __version__ = "0.1.0"
 
 _FAMILIES = [
     (DWViTConfig, DWViTModel, DWViTForImageClassification),
+    (DWCaiTConfig, DWCaiTModel, DWCaiTForImageClassification),
+    (DWSwinConfig, DWSwinModel, DWSwinForImageClassification),
 ]
 
 
@@ -31,11 +37,24 @@ def _register(config_class, base_model_class, classification_class) -> None:
 for _family in _FAMILIES:
     _register(*_family)
 
+# Families with a stage-wise backbone for detection and segmentation heads.
+AutoBackbone.register(DWSwinConfig, DWSwinBackbone, exist_ok=True)
+DWSwinBackbone.register_for_auto_class("AutoBackbone")
+
 __all__ = [
     "DWViTConfig",
     "DWViTModel",
     "DWViTPreTrainedModel",
     "DWViTForImageClassification",
+    "DWCaiTConfig",
+    "DWCaiTModel",
+    "DWCaiTPreTrainedModel",
+    "DWCaiTForImageClassification",
+    "DWSwinConfig",
+    "DWSwinModel",
+    "DWSwinPreTrainedModel",
+    "DWSwinForImageClassification",
+    "DWSwinBackbone",
     "DepthwiseShortcut",
     "NAMED_SIZES",
     "named_config",

@@ -37,12 +37,87 @@ class DepthwiseShortcut(nn.Module):
     Several kernel sizes build independent parallel branches (variant 2) whose outputs are summed; the GELU
     is shared because every branch applies it to the same input. Input and output are `(batch, H*W, C)`
     patch tokens in row-major grid order; the caller keeps class tokens out.
+
+    For inference, `fuse()` re-parameterizes the module exactly (see `fuse`); `train()` undoes it.
     """
 
     def __init__(self, channels: int, kernel_sizes: list[int] | tuple[int, ...] = (3,), batch_norm_eps: float = 1e-5):
         super().__init__()
         self.activation = nn.GELU()
         self.branches = nn.ModuleList(DepthwiseConvBranch(channels, k, batch_norm_eps) for k in kernel_sizes)
+        # Derived from the branches by `fuse()`; never saved, so checkpoints always hold the trainable form.
+        self.register_buffer("fused_weight", None, persistent=False)
+        self.register_buffer("fused_shift_weight", None, persistent=False)
+        self.register_buffer("fused_bias", None, persistent=False)
+        self._bias_maps: dict = {}
+
+    @property
+    def is_fused(self) -> bool:
+        return self.fused_weight is not None
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        """Fold every branch's BatchNorm (running statistics) into its conv and merge the branches into one conv.
+
+        A branch computes `conv_w(s * g + t) + b` on the zero-padded grid of `g = GELU(x)`, where
+        `s = gamma / sqrt(var + eps)` and `t = beta - mean * s`. By linearity this equals
+        `conv_{w*s}(g) + conv_{w*t}(1) + b`: the first term merges across branches into one conv of the
+        largest kernel (smaller kernels zero-padded, centred), and `conv_{w*t}(1) + b` is a bias *map* that is
+        constant inside the grid but differs within `k // 2` of its borders, where zero padding drops part of
+        the shift. The map is computed exactly per grid size (and cached), so the fused module is exact.
+        """
+        if self.training:
+            raise RuntimeError("DepthwiseShortcut.fuse() uses BatchNorm running statistics: call .eval() first.")
+        kernel = max(branch.conv.kernel_size[0] for branch in self.branches)
+        reference = self.branches[0].conv.weight
+        channels = reference.shape[0]
+        # float64 keeps the folded weights as close as the parameter dtype allows to the unfused computation.
+        weight = torch.zeros(channels, 1, kernel, kernel, dtype=torch.float64, device=reference.device)
+        shift_weight = torch.zeros_like(weight)
+        bias = torch.zeros(channels, dtype=torch.float64, device=reference.device)
+        for branch in self.branches:
+            norm, conv = branch.norm, branch.conv
+            scale = norm.weight.double() / torch.sqrt(norm.running_var.double() + norm.eps)
+            shift = norm.bias.double() - norm.running_mean.double() * scale
+            k = conv.kernel_size[0]
+            offset = (kernel - k) // 2
+            branch_weight = conv.weight.double()
+            weight[:, :, offset : offset + k, offset : offset + k] += branch_weight * scale.view(-1, 1, 1, 1)
+            shift_weight[:, :, offset : offset + k, offset : offset + k] += branch_weight * shift.view(-1, 1, 1, 1)
+            if conv.bias is not None:
+                bias += conv.bias.double()
+        self.fused_weight = weight.to(reference.dtype)
+        self.fused_shift_weight = shift_weight.to(reference.dtype)
+        self.fused_bias = bias.to(reference.dtype)
+        self._bias_maps = {}
+
+    def unfuse(self) -> None:
+        """Drop the fused form; the module computes from its branches again."""
+        self.fused_weight = None
+        self.fused_shift_weight = None
+        self.fused_bias = None
+        self._bias_maps = {}
+
+    def train(self, mode: bool = True):
+        # The fused form freezes BatchNorm statistics and would miss parameter updates: training undoes it.
+        if mode:
+            self.unfuse()
+        return super().train(mode)
+
+    def _bias_map(self, height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+        """The fused bias at every grid position, `(1, C, H, W)`: `conv_{w*t}(ones) + b` with zero padding."""
+        key = (height, width, dtype, self.fused_shift_weight.device)
+        # Graph capture (compile, export, tracing) must see the computation, not a Python-side cache.
+        capturing = torch.compiler.is_compiling() or torch.jit.is_tracing()
+        if not capturing and key in self._bias_maps:
+            return self._bias_maps[key]
+        channels, kernel = self.fused_shift_weight.shape[0], self.fused_shift_weight.shape[-1]
+        ones = self.fused_shift_weight.new_ones(1, channels, height, width)
+        bias_map = F.conv2d(ones, self.fused_shift_weight, self.fused_bias, padding=kernel // 2, groups=channels)
+        bias_map = bias_map.to(dtype)
+        if not capturing:
+            self._bias_maps[key] = bias_map
+        return bias_map
 
     def forward(self, patch_tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
         batch_size, num_patches, channels = patch_tokens.shape
@@ -55,9 +130,14 @@ class DepthwiseShortcut(nn.Module):
         # and the channels-last convolution output permutes back to tokens without a copy either.
         grid = patch_tokens.reshape(batch_size, height, width, channels).permute(0, 3, 1, 2)
         grid = self.activation(grid)
-        output = self.branches[0](grid)
-        for branch in self.branches[1:]:
-            output = output + branch(grid)
+        if self.fused_weight is not None and not self.training:
+            kernel = self.fused_weight.shape[-1]
+            output = F.conv2d(grid, self.fused_weight, None, padding=kernel // 2, groups=channels)
+            output = output + self._bias_map(height, width, output.dtype)
+        else:
+            output = self.branches[0](grid)
+            for branch in self.branches[1:]:
+                output = output + branch(grid)
         return output.permute(0, 2, 3, 1).reshape(batch_size, num_patches, channels)
 
 
@@ -119,8 +199,43 @@ def image_classification_loss(logits: torch.Tensor, labels: torch.Tensor, config
     return F.cross_entropy(logits.float().view(-1, num_labels), labels.view(-1))
 
 
-class RemoteCodeSaveMixin:
+class DepthwiseFusionMixin:
+    """Re-parameterized inference for every family: `fuse_dw_shortcuts()` / `unfuse_dw_shortcuts()`.
+
+    Fusion needs eval mode (it reads BatchNorm running statistics) and is undone by `model.train()`. The fused
+    tensors are non-persistent buffers: `save_pretrained` after fusion writes the ordinary unfused weights, and
+    a reloaded model is unfused until `fuse_dw_shortcuts()` is called again.
+    """
+
+    def fuse_dw_shortcuts(self):
+        """Fold BatchNorm into each depth-wise shortcut and merge its parallel kernels, in place; returns `self`."""
+        if self.training:
+            raise RuntimeError(
+                "fuse_dw_shortcuts() needs eval mode (it folds BatchNorm running statistics): call model.eval() "
+                "first; model.train() undoes the fusion."
+            )
+        for module in self.modules():
+            if isinstance(module, DepthwiseShortcut):
+                module.fuse()
+        return self
+
+    def unfuse_dw_shortcuts(self):
+        """Return every depth-wise shortcut to its trainable (branch) form; returns `self`."""
+        for module in self.modules():
+            if isinstance(module, DepthwiseShortcut):
+                module.unfuse()
+        return self
+
+    @property
+    def dw_shortcuts_fused(self) -> bool:
+        shortcuts = [module for module in self.modules() if isinstance(module, DepthwiseShortcut)]
+        return bool(shortcuts) and all(module.is_fused for module in shortcuts)
+
+
+class RemoteCodeSaveMixin(DepthwiseFusionMixin):
     """Mixin for a family's `PreTrainedModel`: a saved head model also names its bare encoder in `auto_map`.
+
+    It also brings `DepthwiseFusionMixin` (re-parameterized inference) to every family that lists it first.
 
     `transformers` only records the class being saved, so `AutoModel.from_pretrained(folder,
     trust_remote_code=True)` would otherwise find no entry for the encoder.

@@ -5,6 +5,22 @@ from __future__ import annotations
 from transformers import PretrainedConfig, PreTrainedModel
 
 from .configuration_dwvit import DWViTConfig
+from .configuration_dwcait import DWCaiTConfig
+from .configuration_dwswin import DWSwinConfig
+
+_SWIN_TINY = dict(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], drop_path_rate=0.2)
+
+# CaiT-XXS in the paper's best small-data setting: LayerScale, talking heads and position embeddings all off
+# (pass use_talking_heads=True, use_position_embeddings=True for its ImageNet setting).
+_CAIT_XXS = dict(
+    hidden_size=192,
+    num_attention_heads=4,
+    intermediate_size=768,
+    num_class_attention_layers=2,
+    use_layer_scale=False,
+    use_talking_heads=False,
+    use_position_embeddings=False,
+)
 
 _VIT_TINY = dict(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768)
 _VIT_SMALL = dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536)
@@ -16,6 +32,15 @@ NAMED_SIZES: dict[str, tuple[type[PretrainedConfig], dict]] = {
     "vit-small": (DWViTConfig, dict(image_size=224, patch_size=16, **_VIT_SMALL)),
     "vit-tiny-cifar": (DWViTConfig, dict(image_size=32, patch_size=4, **_VIT_TINY)),
     "vit-small-cifar": (DWViTConfig, dict(image_size=32, patch_size=4, **_VIT_SMALL)),
+    "cait-xxs12": (DWCaiTConfig, dict(image_size=224, patch_size=16, num_hidden_layers=12, **_CAIT_XXS)),
+    "cait-xxs24": (DWCaiTConfig, dict(image_size=224, patch_size=16, num_hidden_layers=24, **_CAIT_XXS)),
+    "cait-xxs12-cifar": (DWCaiTConfig, dict(image_size=32, patch_size=4, num_hidden_layers=12, **_CAIT_XXS)),
+    "cait-xxs24-cifar": (DWCaiTConfig, dict(image_size=32, patch_size=4, num_hidden_layers=24, **_CAIT_XXS)),
+    # Swin-T: 224 / patch 4 gives stage grids 56, 28, 14, 7 with 7x7 windows (the last stage is one window, unshifted).
+    "swin-tiny": (DWSwinConfig, dict(image_size=224, patch_size=4, window_size=7, **_SWIN_TINY)),
+    # 32 / patch 2 gives stage grids 16, 8, 4, 2 with 4x4 windows: stages 1-2 shift windows, stage 3 is one window
+    # and stage 4 one 2x2 window (both unshifted), as Swin does whenever a grid is no larger than the window.
+    "swin-tiny-cifar": (DWSwinConfig, dict(image_size=32, patch_size=2, window_size=4, **_SWIN_TINY)),
 }
 
 

@@ -1,0 +1,428 @@
+#!/usr/bin/env python
+"""Train and evaluate a dwvit image classifier on a `datasets` dataset with the `transformers` Trainer.
+
+One CPU:        python run_image_classification.py --dataset_name cifar10 --model_name vit-tiny-cifar --output_dir out
+Several GPUs:   accelerate launch run_image_classification.py ...   or   torchrun --nproc_per_node 4 run_image_classification.py ...
+From a file:    python run_image_classification.py args.json   (or args.yaml)
+
+Defaults follow the paper's recipe for training from scratch (see docs/training.md); every part has a flag.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import os
+import shlex
+import sys
+from dataclasses import dataclass, field
+
+import torch
+import transformers
+from transformers import (
+    AutoConfig,
+    AutoModelForImageClassification,
+    HfArgumentParser,
+    Trainer,
+    TrainingArguments,
+)
+from transformers.trainer_utils import get_last_checkpoint
+
+import dwvit
+from dwvit.image_processing import DATASET_STATISTICS
+from dwvit.training import (
+    AugmentationConfig,
+    ImageClassificationDataset,
+    MixupCutmixCollator,
+    SetEpochCallback,
+    build_eval_transform,
+    build_train_transform,
+    detect_columns,
+    drop_unreadable_images,
+    known_dataset,
+    label_names,
+    load_raw_datasets,
+    make_compute_metrics,
+    parse_config_overrides,
+    parse_floats,
+    split_train_eval,
+    without_decoding,
+)
+
+logger = logging.getLogger("run_image_classification")
+
+
+@dataclass
+class ModelArguments:
+    model_name: str = field(
+        default="vit-tiny",
+        metadata={"help": f"A named size to train from scratch; one of: {', '.join(dwvit.NAMED_SIZES)}."},
+    )
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "A saved model folder or Hub id to fine-tune instead of a fresh named size."},
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={"help": 'Config fields to override, e.g. "use_dw_shortcut=false,dw_kernel_sizes=[3,5]".'},
+    )
+    ignore_mismatched_sizes: bool | None = field(
+        default=None,
+        metadata={"help": "Re-initialise the classifier when its size differs (default: when the label set changes)."},
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow code from the model folder / Hub repo."})
+    sync_batch_norm: bool = field(
+        default=False,
+        metadata={
+            "help": "Convert the shortcut's BatchNorm to SyncBatchNorm under data parallelism (GPUs only). Default "
+            "off: each process normalises with its own batch statistics."
+        },
+    )
+    cache_dir: str | None = field(default=None, metadata={"help": "Where to cache Hub downloads."})
+    token: str | None = field(default=None, metadata={"help": "Hub token (default: HF_TOKEN or your login)."})
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Short name (cifar10, cifar100, tiny-imagenet, digits), any Hub image-classification dataset, "
+            "or a local dataset folder such as ../shared/data/cifar10."
+        },
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration name."})
+    train_dir: str | None = field(default=None, metadata={"help": "An image folder (one sub-folder per class)."})
+    validation_dir: str | None = field(default=None, metadata={"help": "An image folder for evaluation."})
+    image_column_name: str | None = field(default=None, metadata={"help": "Image column (detected by default)."})
+    label_column_name: str | None = field(
+        default=None, metadata={"help": "Label column (detected by default; CIFAR-100 uses fine_label)."}
+    )
+    train_split: str = field(default="train", metadata={"help": "The training split."})
+    eval_split: str | None = field(
+        default=None, metadata={"help": "The evaluation split (default: the known one, else validation/valid/val/test)."}
+    )
+    train_val_split: float = field(
+        default=0.1, metadata={"help": "Fraction of train held out (with --seed) when there is no evaluation split."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Train on a seeded random subset."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on a seeded random subset."})
+    corrupt_images: str = field(
+        default="skip",
+        metadata={"help": "Unreadable images: 'skip' (leave out, count and report) or 'error' (stop, listing them)."},
+    )
+    dataset_statistics: str | None = field(
+        default=None,
+        metadata={"help": f"Normalisation statistics by name ({', '.join(DATASET_STATISTICS)}); default: the dataset's."},
+    )
+    image_mean: str | None = field(default=None, metadata={"help": 'Normalisation mean, e.g. "0.5,0.5,0.5".'})
+    image_std: str | None = field(default=None, metadata={"help": 'Normalisation std, e.g. "0.5,0.5,0.5".'})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for the image check."})
+    # The paper's augmentation.
+    crop_scale_min: float = field(default=0.08, metadata={"help": "RandomResizedCrop's smallest area (1 = resize only)."})
+    horizontal_flip_prob: float = field(default=0.5, metadata={"help": "Horizontal flip probability (0 = off)."})
+    rand_augment: bool = field(default=True, metadata={"help": "RandAugment (2 ops, magnitude 9)."})
+    rand_augment_num_ops: int = field(default=2)
+    rand_augment_magnitude: int = field(default=9)
+    color_jitter: float = field(default=0.4, metadata={"help": "Brightness/contrast/saturation jitter (0 = off)."})
+    random_erasing_prob: float = field(default=0.25, metadata={"help": "Random erasing probability (0 = off)."})
+    mixup_alpha: float = field(default=0.8, metadata={"help": "Mixup alpha (0 = off)."})
+    cutmix_alpha: float = field(default=1.0, metadata={"help": "CutMix alpha (0 = off)."})
+    mixup_prob: float = field(default=1.0, metadata={"help": "Probability of mixing a batch."})
+    mixup_switch_prob: float = field(default=0.5, metadata={"help": "Probability of CutMix rather than Mixup."})
+    label_smoothing: float = field(default=0.1, metadata={"help": "Label smoothing of the (mixed) targets."})
+    eval_crop_ratio: float | None = field(
+        default=None,
+        metadata={"help": "Evaluation center-crop ratio (default 0.875, the paper's 256 -> 224; 1.0 below 64 pixels)."},
+    )
+
+    def augmentation(self) -> AugmentationConfig:
+        return AugmentationConfig(
+            crop_scale_min=self.crop_scale_min,
+            horizontal_flip_prob=self.horizontal_flip_prob,
+            rand_augment=self.rand_augment,
+            rand_augment_num_ops=self.rand_augment_num_ops,
+            rand_augment_magnitude=self.rand_augment_magnitude,
+            color_jitter=self.color_jitter,
+            random_erasing_prob=self.random_erasing_prob,
+        )
+
+
+@dataclass
+class ImageClassificationTrainingArguments(TrainingArguments):
+    """`TrainingArguments` with the paper's recipe as defaults (AdamW, lr 5e-4, wd 0.05, cosine, clip 5)."""
+
+    learning_rate: float = field(default=5e-4, metadata={"help": "Peak learning rate (paper: 5e-4; Swin 2.5e-4)."})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay."})
+    num_train_epochs: float = field(default=300.0, metadata={"help": "Epochs (paper: 300)."})
+    warmup_steps: float = field(default=20 / 300, metadata={"help": "Warmup steps, or a ratio in [0, 1) (paper: 20 of 300 epochs)."})
+    lr_scheduler_type: str = field(default="cosine_with_min_lr", metadata={"help": "Learning-rate schedule."})
+    lr_scheduler_kwargs: dict | str | None = field(
+        default_factory=lambda: {"min_lr": 5e-6}, metadata={"help": "Schedule arguments (paper: cosine to 5e-6)."}
+    )
+    max_grad_norm: float = field(default=5.0, metadata={"help": "Gradient clipping norm."})
+    per_device_train_batch_size: int = field(default=128, metadata={"help": "Batch per device (paper: 128 x 4 GPUs)."})
+    per_device_eval_batch_size: int = field(default=256)
+    eval_strategy: str = field(default="epoch")
+    save_strategy: str = field(default="epoch")
+    save_total_limit: int | None = field(default=2)
+    logging_steps: float = field(default=50)
+    report_to: None | str | list[str] = field(default="tensorboard", metadata={"help": "Loggers ('none' for none)."})
+    remove_unused_columns: bool = field(default=False)
+    mixed_precision: str = field(
+        default="auto",
+        metadata={"help": "'auto': bf16 where the GPU has it, else fp16 on GPUs, none on CPU; or 'no', 'bf16', 'fp16'."},
+    )
+    auto_resume: bool = field(
+        default=True, metadata={"help": "Resume from the last checkpoint in output_dir when there is one."}
+    )
+
+
+def parse_args(args: list[str] | None = None):
+    parser = HfArgumentParser((ModelArguments, DataArguments, ImageClassificationTrainingArguments))
+    args = sys.argv[1:] if args is None else list(args)
+    if len(args) == 1 and args[0].endswith(".json"):
+        return parser.parse_json_file(os.path.abspath(args[0]))
+    if len(args) == 1 and args[0].endswith((".yaml", ".yml")):
+        return parser.parse_yaml_file(os.path.abspath(args[0]))
+    return parser.parse_args_into_dataclasses(args=args)
+
+
+def resolve_mixed_precision(training_args: ImageClassificationTrainingArguments) -> ImageClassificationTrainingArguments:
+    choice = training_args.mixed_precision
+    if choice not in ("auto", "no", "bf16", "fp16"):
+        raise ValueError(f"mixed_precision must be one of 'auto', 'no', 'bf16', 'fp16'; got {choice!r}.")
+    if training_args.bf16 or training_args.fp16 or choice == "no":
+        return training_args
+    if choice == "auto":
+        if not torch.cuda.is_available():
+            return training_args
+        choice = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return dataclasses.replace(training_args, bf16=choice == "bf16", fp16=choice == "fp16")
+
+
+def build_model(model_args: ModelArguments, labels: list[str]):
+    """A fresh named size, or a saved model with the dataset's label set (new head if the set changed)."""
+    id2label = dict(enumerate(labels))
+    label2id = {name: index for index, name in id2label.items()}
+    overrides = parse_config_overrides(model_args.config_overrides)
+    if model_args.model_name_or_path is None:
+        config = dwvit.named_config(
+            model_args.model_name, num_labels=len(labels), id2label=id2label, label2id=label2id, **overrides
+        )
+        return AutoModelForImageClassification.from_config(config)
+    hub_kwargs = dict(cache_dir=model_args.cache_dir, token=model_args.token, trust_remote_code=model_args.trust_remote_code)
+    saved = AutoConfig.from_pretrained(model_args.model_name_or_path, **hub_kwargs)
+    same_labels = [saved.id2label[i] for i in sorted(saved.id2label)] == list(labels)
+    config = AutoConfig.from_pretrained(
+        model_args.model_name_or_path, num_labels=len(labels), id2label=id2label, label2id=label2id, **overrides,
+        **hub_kwargs,
+    )
+    ignore = model_args.ignore_mismatched_sizes
+    if ignore is None:
+        ignore = not same_labels
+    if not same_labels:
+        logger.info("New label set (%d classes): the classifier is re-initialised.", len(labels))
+    return AutoModelForImageClassification.from_pretrained(
+        model_args.model_name_or_path, config=config, ignore_mismatched_sizes=ignore, **hub_kwargs
+    )
+
+
+def apply_sync_batch_norm(model, training_args) -> torch.nn.Module:
+    if training_args.world_size <= 1:
+        logger.warning("--sync_batch_norm has no effect with one process.")
+        return model
+    if training_args.device.type == "cpu":
+        raise ValueError(
+            "--sync_batch_norm needs GPUs: torch.nn.SyncBatchNorm only synchronises CUDA/XPU tensors and raises on "
+            "CPU tensors. On CPUs, train without it (each process keeps its own BatchNorm statistics)."
+        )
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+def normalisation(data_args: DataArguments, spec):
+    name = data_args.dataset_statistics or (spec.statistics if spec is not None else None) or "imagenet"
+    if name not in DATASET_STATISTICS:
+        raise ValueError(f"dataset_statistics must be one of {', '.join(DATASET_STATISTICS)}; got {name!r}.")
+    mean, std = DATASET_STATISTICS[name]
+    mean = parse_floats(data_args.image_mean, name="image_mean") or mean
+    std = parse_floats(data_args.image_std, name="image_std") or std
+    return mean, std
+
+
+def write_predictions(path, trainer, dataset, raw, image_column, id2label):
+    output = trainer.predict(dataset, metric_key_prefix="predict")
+    logits = torch.from_numpy(output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions)
+    probabilities = logits.float().softmax(-1)
+    scores, predicted = probabilities.max(-1)
+    paths = raw[image_column] if trainer.is_world_process_zero() else []
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["index", "path", "label", "predicted_label", "score"])
+        for index, (label, prediction, score) in enumerate(zip(output.label_ids, predicted, scores)):
+            cell = paths[index] if index < len(paths) else None
+            image_path = cell.get("path") if isinstance(cell, dict) else None
+            writer.writerow([index, image_path or "", id2label[int(label)], id2label[int(prediction)], f"{score:.6f}"])
+    return output.metrics
+
+
+def print_summary(metrics: dict, num_parameters: int, output_dir: str, model_type: str) -> None:
+    lines = [
+        "",
+        "=" * 64,
+        f"  {model_type} image classifier -> {output_dir}",
+        f"  {'parameters':<24} {num_parameters:,}",
+    ]
+    for key, label, fmt in (
+        ("eval_accuracy", "top-1 accuracy (eval)", "{:.2%}"),
+        ("eval_top5_accuracy", "top-5 accuracy (eval)", "{:.2%}"),
+        ("eval_loss", "loss (eval)", "{:.4f}"),
+        ("train_loss", "loss (train, mean)", "{:.4f}"),
+        ("train_samples_per_second", "train images/s", "{:.1f}"),
+        ("eval_samples_per_second", "eval images/s", "{:.1f}"),
+        ("train_runtime", "train time (s)", "{:.1f}"),
+        ("train_skipped_images", "unreadable train images", "{}"),
+        ("eval_skipped_images", "unreadable eval images", "{}"),
+    ):
+        if key in metrics:
+            lines.append(f"  {label:<24} {fmt.format(metrics[key])}")
+    lines.append("=" * 64)
+    print("\n".join(lines))
+
+
+def main(args: list[str] | None = None, callbacks: list | None = None) -> dict:
+    """Run the job; `args` as on the command line (or one JSON/YAML file), `callbacks` extra TrainerCallbacks."""
+    model_args, data_args, training_args = parse_args(args)
+    training_args = resolve_mixed_precision(training_args)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    log_level = training_args.get_process_log_level()
+    logger.setLevel(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    transformers.set_seed(training_args.seed)
+
+    # Data: resolve, pick columns and splits, drop or refuse unreadable images.
+    spec = known_dataset(data_args.dataset_name)
+    raw = load_raw_datasets(
+        data_args.dataset_name, data_args.dataset_config_name, data_args.train_dir, data_args.validation_dir,
+        cache_dir=model_args.cache_dir, token=model_args.token,
+    )
+    train_raw, eval_raw, eval_split = split_train_eval(
+        raw, data_args.train_split, data_args.eval_split, spec, data_args.train_val_split, training_args.seed
+    )
+    image_column, label_column = detect_columns(
+        train_raw.features, data_args.image_column_name, data_args.label_column_name, spec
+    )
+    labels = label_names(train_raw, label_column)
+    if data_args.max_train_samples is not None and data_args.max_train_samples < len(train_raw):
+        train_raw = train_raw.shuffle(seed=training_args.seed).select(range(data_args.max_train_samples))
+    if data_args.max_eval_samples is not None and data_args.max_eval_samples < len(eval_raw):
+        eval_raw = eval_raw.shuffle(seed=training_args.seed).select(range(data_args.max_eval_samples))
+    train_raw = without_decoding(train_raw, image_column)
+    eval_raw = without_decoding(eval_raw, image_column)
+    skipped = {}
+    if training_args.do_train:
+        train_raw, skipped["train_skipped_images"] = drop_unreadable_images(
+            train_raw, image_column, "train", data_args.corrupt_images, data_args.preprocessing_num_workers
+        )
+    if training_args.do_eval or training_args.do_predict:
+        eval_raw, skipped["eval_skipped_images"] = drop_unreadable_images(
+            eval_raw, image_column, eval_split, data_args.corrupt_images, data_args.preprocessing_num_workers
+        )
+
+    # Model.
+    model = build_model(model_args, labels)
+    # The loss ignores `num_items_in_batch`, so the Trainer must scale it for gradient accumulation itself.
+    model.accepts_loss_kwargs = False
+    if model_args.sync_batch_norm:
+        model = apply_sync_batch_norm(model, training_args)
+    config = model.config
+    num_parameters = sum(parameter.numel() for parameter in model.parameters())
+
+    # Transforms and the image processor saved beside the model (used by `pipeline`).
+    image_mean, image_std = normalisation(data_args, spec)
+    image_processor = dwvit.make_image_processor(config.image_size, image_mean=image_mean, image_std=image_std)
+    image_size = config.image_size
+    crop_ratio = data_args.eval_crop_ratio
+    if crop_ratio is None:
+        crop_ratio = 0.875 if min(dwvit.configuration_dwvit.to_pair(image_size)) >= 64 else 1.0
+    train_dataset = ImageClassificationDataset(
+        train_raw, image_column, label_column,
+        build_train_transform(image_size, image_mean, image_std, data_args.augmentation()), seed=training_args.seed,
+    )
+    eval_dataset = ImageClassificationDataset(
+        eval_raw, image_column, label_column, build_eval_transform(image_size, image_mean, image_std, crop_ratio)
+    )
+    collator = MixupCutmixCollator(
+        len(labels), data_args.mixup_alpha, data_args.cutmix_alpha, data_args.mixup_prob,
+        data_args.mixup_switch_prob, data_args.label_smoothing,
+    )
+
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset if training_args.do_train else None,
+        eval_dataset=eval_dataset if training_args.do_eval else None,
+        data_collator=collator,
+        compute_metrics=make_compute_metrics(),
+        processing_class=image_processor,
+        callbacks=[SetEpochCallback(train_dataset), *(callbacks or [])],
+    )
+
+    metrics: dict = {}
+    if training_args.do_train:
+        checkpoint = training_args.resume_from_checkpoint
+        if checkpoint is None and training_args.auto_resume and os.path.isdir(training_args.output_dir):
+            checkpoint = get_last_checkpoint(training_args.output_dir)
+            if checkpoint is not None:
+                logger.info("Resuming from %s (pass --auto_resume false to start over).", checkpoint)
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+        trainer.save_model()
+        train_metrics = dict(result.metrics, train_samples=len(train_dataset), **{k: v for k, v in skipped.items() if k.startswith("train")})
+        trainer.log_metrics("train", train_metrics)
+        trainer.save_metrics("train", train_metrics)
+        trainer.save_state()
+        metrics.update(train_metrics)
+    if training_args.do_eval:
+        eval_metrics = trainer.evaluate()
+        eval_metrics["eval_samples"] = len(eval_dataset)
+        if "eval_skipped_images" in skipped:
+            eval_metrics["eval_skipped_images"] = skipped["eval_skipped_images"]
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+        metrics.update(eval_metrics)
+    if training_args.do_predict:
+        path = os.path.join(training_args.output_dir, "predictions.csv")
+        predict_metrics = write_predictions(path, trainer, eval_dataset, eval_raw, image_column, config.id2label)
+        trainer.log_metrics("predict", predict_metrics)
+        trainer.save_metrics("predict", predict_metrics)
+        metrics.update(predict_metrics)
+
+    if trainer.is_world_process_zero():
+        os.makedirs(training_args.output_dir, exist_ok=True)
+        if not training_args.do_train:
+            trainer.save_model()
+        run_info = {
+            "command": "python run_image_classification.py " + shlex.join(sys.argv[1:] if args is None else list(args)),
+            "model_name": model_args.model_name_or_path or model_args.model_name,
+            "model_type": config.model_type,
+            "dataset_name": data_args.dataset_name or data_args.train_dir,
+            "hub_dataset_id": spec.hub_id if spec is not None else None,
+            "eval_split": eval_split,
+            "num_parameters": num_parameters,
+            "num_labels": len(labels),
+            "image_size": image_size,
+            "world_size": training_args.world_size,
+            "transformers_version": transformers.__version__,
+            "dwvit_version": dwvit.__version__,
+        }
+        with open(os.path.join(training_args.output_dir, "run_info.json"), "w") as handle:
+            json.dump(run_info, handle, indent=2)
+        metrics["num_parameters"] = num_parameters
+        print_summary(metrics, num_parameters, training_args.output_dir, config.model_type)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,452 @@
+"""PyTorch DWCaiT: CaiT (Touvron et al., 2021) with depth-wise convolution shortcuts (Zhang et al., 2024)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling, ImageClassifierOutput
+
+from .configuration_dwcait import DWCaiTConfig
+from .dw_layers import (
+    DepthwiseShortcut,
+    DropPath,
+    RemoteCodeSaveMixin,
+    add_shortcut,
+    block_groups,
+    image_classification_loss,
+)
+from .modeling_dwvit import DWViTPatchEmbeddings
+
+
+class DWCaiTEmbeddings(nn.Module):
+    """Patch embeddings with (optional) learned position embeddings, and the class token used later.
+
+    CaiT keeps the class token out of the patch stage, so the position embeddings have no class slot.
+    """
+
+    def __init__(self, config: DWCaiTConfig):
+        super().__init__()
+        self.patch_embeddings = DWViTPatchEmbeddings(config)
+        num_patches = self.patch_embeddings.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        if config.use_position_embeddings:
+            self.position_embeddings = nn.Parameter(torch.zeros(1, num_patches, config.hidden_size))
+        else:
+            self.position_embeddings = None
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def interpolate_pos_encoding(self, grid_size: tuple[int, int]) -> torch.Tensor:
+        """Resize the position embeddings bicubically from the trained patch grid to `grid_size`."""
+        trained_grid = self.patch_embeddings.grid_size
+        if tuple(grid_size) == trained_grid and not torch.jit.is_tracing():
+            return self.position_embeddings
+        dim = self.position_embeddings.shape[-1]
+        positions = self.position_embeddings.reshape(1, trained_grid[0], trained_grid[1], dim).permute(0, 3, 1, 2)
+        positions = F.interpolate(positions, size=tuple(grid_size), mode="bicubic", align_corners=False)
+        return positions.permute(0, 2, 3, 1).reshape(1, -1, dim)
+
+    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False):
+        embeddings, grid_size = self.patch_embeddings(pixel_values, interpolate_pos_encoding)
+        if self.position_embeddings is not None:
+            if interpolate_pos_encoding:
+                embeddings = embeddings + self.interpolate_pos_encoding(grid_size)
+            else:
+                embeddings = embeddings + self.position_embeddings
+        class_tokens = self.cls_token.expand(embeddings.shape[0], -1, -1)
+        return self.dropout(embeddings), class_tokens, grid_size
+
+
+def _talking_heads(num_heads: int) -> nn.Linear:
+    # A Linear over the head axis: out[..., g] = sum_h in[..., h] * weight[g, h] + bias[g]. A bias-free mixing
+    # matrix M applied as in[..., h] @ M (the paper's original code) is held exactly by weight = M.T, bias = 0.
+    return nn.Linear(num_heads, num_heads)
+
+
+def _mix_heads(mixing: nn.Linear, scores: torch.Tensor) -> torch.Tensor:
+    """Apply a heads x heads mixing to `(batch, heads, queries, keys)` scores."""
+    return mixing(scores.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def _attend(module: nn.Module, query, key, value, output_attentions: bool):
+    """Scaled dot-product attention of `(batch, heads, length, head_dim)` tensors, with optional talking heads.
+
+    Talking heads mix the heads between the matmul and the softmax, which SDPA cannot express, so they always
+    take the eager path; so does `output_attentions`. Returned weights are the ones applied to the values.
+    """
+    dropout = module.attention_dropout if module.training else 0.0
+    pre_softmax, post_softmax = module.talking_heads_pre_softmax, module.talking_heads_post_softmax
+    if pre_softmax is None and not output_attentions and module.config._attn_implementation != "eager":
+        # Every token may attend to every other: SDPA must never apply a causal mask here.
+        output = F.scaled_dot_product_attention(
+            query, key, value, dropout_p=dropout, is_causal=module.is_causal, scale=module.scaling
+        )
+        return output, None
+    attn_weights = torch.matmul(query, key.transpose(-2, -1)) * module.scaling
+    if pre_softmax is not None:
+        attn_weights = _mix_heads(pre_softmax, attn_weights)
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    if post_softmax is not None:
+        attn_weights = _mix_heads(post_softmax, attn_weights)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    return torch.matmul(attn_weights, value), attn_weights
+
+
+class DWCaiTSelfAttention(nn.Module):
+    """Multi-head self-attention of the patch blocks, optionally with talking heads (CaiT's default)."""
+
+    def __init__(self, config: DWCaiTConfig):
+        super().__init__()
+        self.config = config
+        self.num_attention_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_probs_dropout_prob
+        self.is_causal = False
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
+        if config.use_talking_heads:
+            self.talking_heads_pre_softmax = _talking_heads(config.num_attention_heads)
+            self.talking_heads_post_softmax = _talking_heads(config.num_attention_heads)
+        else:
+            self.talking_heads_pre_softmax = self.talking_heads_post_softmax = None
+        self.out_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False):
+        batch_size, seq_length, hidden_size = hidden_states.shape
+        qkv = self.qkv(hidden_states).view(batch_size, seq_length, 3, self.num_attention_heads, self.head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        attn_output, attn_weights = _attend(self, query, key, value, output_attentions)
+        attn_output = attn_output.transpose(1, 2).reshape(batch_size, seq_length, hidden_size)
+        return self.dropout(self.out_proj(attn_output)), attn_weights
+
+
+class DWCaiTClassAttention(nn.Module):
+    """Class attention: the class token queries itself and the patch tokens; only the class token is updated."""
+
+    def __init__(self, config: DWCaiTConfig):
+        super().__init__()
+        self.config = config
+        self.num_attention_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_probs_dropout_prob
+        self.is_causal = False
+        self.query = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
+        if config.use_class_attention_talking_heads:
+            self.talking_heads_pre_softmax = _talking_heads(config.num_attention_heads)
+            self.talking_heads_post_softmax = _talking_heads(config.num_attention_heads)
+        else:
+            self.talking_heads_pre_softmax = self.talking_heads_post_softmax = None
+        self.out_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def _split_heads(self, states: torch.Tensor) -> torch.Tensor:
+        batch_size, length, _ = states.shape
+        return states.view(batch_size, length, self.num_attention_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, class_token: torch.Tensor, tokens: torch.Tensor, output_attentions: bool = False):
+        """`class_token` (batch, 1, C) gives the query; `tokens` (batch, 1 + N, C) the keys and values."""
+        query = self._split_heads(self.query(class_token))
+        key = self._split_heads(self.key(tokens))
+        value = self._split_heads(self.value(tokens))
+        attn_output, attn_weights = _attend(self, query, key, value, output_attentions)
+        attn_output = attn_output.transpose(1, 2).reshape(class_token.shape)
+        return self.dropout(self.out_proj(attn_output)), attn_weights
+
+
+class DWCaiTMLP(nn.Module):
+    """Two-layer feed-forward network."""
+
+    def __init__(self, config: DWCaiTConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.activation_fn = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc2(self.activation_fn(self.fc1(hidden_states))))
+
+
+class DWCaiTLayerScale(nn.Module):
+    """LayerScale: a learned per-channel factor on a residual branch, initialised small."""
+
+    def __init__(self, config: DWCaiTConfig):
+        super().__init__()
+        self.lambda1 = nn.Parameter(torch.full((config.hidden_size,), float(config.layer_scale_init_value)))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states * self.lambda1
+
+
+def _layer_scale(config: DWCaiTConfig) -> nn.Module:
+    return DWCaiTLayerScale(config) if config.use_layer_scale else nn.Identity()
+
+
+class DWCaiTLayer(nn.Module):
+    """A pre-norm patch block: self-attention and MLP residual branches with LayerScale and stochastic depth."""
+
+    def __init__(self, config: DWCaiTConfig, drop_path: float = 0.0):
+        super().__init__()
+        self.layernorm_before = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention = DWCaiTSelfAttention(config)
+        self.layer_scale1 = _layer_scale(config)
+        self.layernorm_after = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = DWCaiTMLP(config)
+        self.layer_scale2 = _layer_scale(config)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False):
+        attention_output, attn_weights = self.attention(self.layernorm_before(hidden_states), output_attentions)
+        hidden_states = hidden_states + self.drop_path(self.layer_scale1(attention_output))
+        hidden_states = hidden_states + self.drop_path(self.layer_scale2(self.mlp(self.layernorm_after(hidden_states))))
+        return hidden_states, attn_weights
+
+
+class DWCaiTClassAttentionLayer(nn.Module):
+    """A class-attention block: updates the class token from itself and the (fixed) patch tokens."""
+
+    def __init__(self, config: DWCaiTConfig):
+        super().__init__()
+        self.norm_patches = config.class_attention_norm_patches
+        self.layernorm_before = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention = DWCaiTClassAttention(config)
+        self.layer_scale1 = _layer_scale(config)
+        self.layernorm_after = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = DWCaiTMLP(config)
+        self.layer_scale2 = _layer_scale(config)
+
+    def forward(self, patch_tokens: torch.Tensor, class_token: torch.Tensor, output_attentions: bool = False):
+        if self.norm_patches:
+            tokens = self.layernorm_before(torch.cat((class_token, patch_tokens), dim=1))
+            normed_class_token = tokens[:, :1]
+        else:
+            normed_class_token = self.layernorm_before(class_token)
+            tokens = torch.cat((normed_class_token, patch_tokens), dim=1)
+        attention_output, attn_weights = self.attention(normed_class_token, tokens, output_attentions)
+        class_token = class_token + self.layer_scale1(attention_output)
+        class_token = class_token + self.layer_scale2(self.mlp(self.layernorm_after(class_token)))
+        return class_token, attn_weights
+
+
+class DWCaiTEncoder(nn.Module):
+    """Patch blocks with a depth-wise shortcut beside every group of `dw_block_span` blocks, then class attention.
+
+    The patch stage has no class token, so every token goes through the shortcut: `x_next = Blocks(x) + DW(x)`.
+    The class-attention blocks have no shortcut.
+    """
+
+    def __init__(self, config: DWCaiTConfig):
+        super().__init__()
+        # CaiT keeps the stochastic depth rate constant over the patch blocks.
+        self.layers = nn.ModuleList(DWCaiTLayer(config, config.drop_path_rate) for _ in range(config.num_hidden_layers))
+        self.groups = block_groups(config.num_hidden_layers, config.dw_block_span)
+        if config.use_dw_shortcut:
+            self.shortcuts = nn.ModuleList(
+                DepthwiseShortcut(config.hidden_size, config.dw_kernel_sizes, config.dw_batch_norm_eps)
+                for _ in self.groups
+            )
+        else:
+            self.shortcuts = None
+        self.class_attention_layers = nn.ModuleList(
+            DWCaiTClassAttentionLayer(config) for _ in range(config.num_class_attention_layers)
+        )
+        self.gradient_checkpointing = False
+
+    def _run(self, layer: nn.Module, *args):
+        if self.gradient_checkpointing and self.training:
+            return self._gradient_checkpointing_func(layer.__call__, *args)
+        return layer(*args)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        class_token: torch.Tensor,
+        grid_size: tuple[int, int],
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ) -> BaseModelOutput:
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        for group_index, (start, end) in enumerate(self.groups):
+            group_input = hidden_states
+            for index in range(start, end):
+                # Checkpointing recomputes only the block: the shortcut's BatchNorm updates its statistics once.
+                hidden_states, attn_weights = self._run(self.layers[index], hidden_states, output_attentions)
+                if all_attentions is not None:
+                    all_attentions = all_attentions + (attn_weights,)
+                if output_hidden_states and index != end - 1:
+                    all_hidden_states = all_hidden_states + (hidden_states,)
+            if self.shortcuts is not None:
+                shortcut = self.shortcuts[group_index](group_input, *grid_size)
+                hidden_states = add_shortcut(hidden_states, shortcut, num_prefix_tokens=0)
+            if output_hidden_states:
+                all_hidden_states = all_hidden_states + (hidden_states,)
+
+        for layer in self.class_attention_layers:
+            class_token, attn_weights = self._run(layer, hidden_states, class_token, output_attentions)
+            if all_attentions is not None:
+                all_attentions = all_attentions + (attn_weights,)
+            if output_hidden_states:
+                all_hidden_states = all_hidden_states + (torch.cat((class_token, hidden_states), dim=1),)
+        return BaseModelOutput(
+            last_hidden_state=torch.cat((class_token, hidden_states), dim=1),
+            hidden_states=all_hidden_states,
+            attentions=all_attentions,
+        )
+
+
+class DWCaiTPreTrainedModel(RemoteCodeSaveMixin, PreTrainedModel):
+    """Weight initialisation and the common interface of the DWCaiT models."""
+
+    config_class = DWCaiTConfig
+    config: DWCaiTConfig
+    base_model_prefix = "dwcait"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DWCaiTEmbeddings", "DWCaiTLayer", "DWCaiTClassAttentionLayer"]
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, DepthwiseShortcut):
+            for branch in module.branches:
+                # The paper keeps PyTorch's default (Kaiming-uniform) initialisation for the depth-wise conv.
+                branch.conv.reset_parameters()
+                branch.norm.reset_parameters()
+        elif isinstance(module, nn.Conv2d) and module.groups > 1:
+            return
+        elif isinstance(module, (nn.Linear, nn.Conv2d)):
+            # Talking-heads mixings included, as CaiT initialises them.
+            nn.init.trunc_normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, DWCaiTLayerScale):
+            nn.init.constant_(module.lambda1, self.config.layer_scale_init_value)
+        elif isinstance(module, DWCaiTEmbeddings):
+            nn.init.trunc_normal_(module.cls_token, mean=0.0, std=std)
+            if module.position_embeddings is not None:
+                nn.init.trunc_normal_(module.position_embeddings, mean=0.0, std=std)
+
+
+class DWCaiTModel(DWCaiTPreTrainedModel):
+    """The bare DWCaiT encoder: patch stage with depth-wise shortcuts, class attention and a final LayerNorm.
+
+    `last_hidden_state` is `(batch, 1 + N, C)` with the class token first; `pooler_output` is the class token.
+    `hidden_states` holds the patch stage's `(batch, N, C)` tokens (embeddings, then after every patch block,
+    shortcut included), then `(batch, 1 + N, C)` after every class-attention block; `attentions` holds
+    `(batch, heads, N, N)` per patch block, then `(batch, heads, 1, 1 + N)` per class-attention block.
+    """
+
+    def __init__(self, config: DWCaiTConfig):
+        super().__init__(config)
+        self.embeddings = DWCaiTEmbeddings(config)
+        self.encoder = DWCaiTEncoder(config)
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> DWViTPatchEmbeddings:
+        return self.embeddings.patch_embeddings
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling | tuple:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
+            Normalised images, e.g. from `ViTImageProcessor`.
+        interpolate_pos_encoding (`bool`, *optional*):
+            Accept a resolution other than `config.image_size`, resizing the position embeddings to its grid.
+        """
+        if pixel_values is None:
+            raise ValueError("You have to specify pixel_values.")
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+
+        expected_dtype = self.embeddings.patch_embeddings.projection.weight.dtype
+        if pixel_values.dtype != expected_dtype:
+            pixel_values = pixel_values.to(expected_dtype)
+        embedding_output, class_tokens, grid_size = self.embeddings(pixel_values, bool(interpolate_pos_encoding))
+        encoder_outputs = self.encoder(
+            embedding_output,
+            class_tokens,
+            grid_size,
+            output_attentions=bool(output_attentions),
+            output_hidden_states=bool(output_hidden_states),
+        )
+        sequence_output = self.layernorm(encoder_outputs.last_hidden_state)
+        pooled_output = sequence_output[:, 0]
+
+        if not return_dict:
+            extras = tuple(v for v in (encoder_outputs.hidden_states, encoder_outputs.attentions) if v is not None)
+            return (sequence_output, pooled_output) + extras
+        return BaseModelOutputWithPooling(
+            last_hidden_state=sequence_output,
+            pooler_output=pooled_output,
+            hidden_states=encoder_outputs.hidden_states,
+            attentions=encoder_outputs.attentions,
+        )
+
+
+class DWCaiTForImageClassification(DWCaiTPreTrainedModel):
+    """DWCaiT with a linear classifier on the class token."""
+
+    def __init__(self, config: DWCaiTConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.dwcait = DWCaiTModel(config)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutput | tuple:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size,)` or `torch.FloatTensor` of shape `(batch_size, num_labels)`):
+            Class indices, or class probabilities (soft labels from Mixup/CutMix or label smoothing).
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.dwcait(
+            pixel_values,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            return_dict=True,
+        )
+        logits = self.classifier(outputs.pooler_output)
+        loss = image_classification_loss(logits, labels, self.config) if labels is not None else None
+
+        if not return_dict:
+            output = (logits,) + tuple(v for v in (outputs.hidden_states, outputs.attentions) if v is not None)
+            return ((loss,) + output) if loss is not None else output
+        return ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+__all__ = ["DWCaiTForImageClassification", "DWCaiTModel", "DWCaiTPreTrainedModel"]
