@@ -8,7 +8,6 @@ STAMP := $(VENV)/.dwvit-installed
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --upgrade pip >/dev/null
 	$(BIN)/python -m pip install -e '.[test]'
 	touch $(STAMP)
 

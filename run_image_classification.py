@@ -333,8 +333,6 @@ def main(args: list[str] | None = None, callbacks: list | None = None) -> dict:
 
     # Model.
     model = build_model(model_args, labels)
-    # The loss ignores `num_items_in_batch`, so the Trainer must scale it for gradient accumulation itself.
-    model.accepts_loss_kwargs = False
     if model_args.sync_batch_norm:
         model = apply_sync_batch_norm(model, training_args)
     config = model.config

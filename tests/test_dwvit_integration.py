@@ -176,3 +176,27 @@ def test_cli_creates_a_named_model(tmp_path, capsys):
     assert main(["sizes"]) == 0
     listing = capsys.readouterr().out
     assert "vit-tiny" in listing and "5.55M" in listing
+
+
+def test_trainer_gradient_accumulation_matches_one_large_batch(tmp_path):
+    """Two accumulated half-batches must give the update of one full batch (the loss is scaled correctly)."""
+    from datasets import Dataset
+
+    torch.manual_seed(4)
+    data = Dataset.from_dict({"pixel_values": torch.randn(8, 3, 32, 32).tolist(), "labels": list(range(8))})
+    data.set_format("torch")
+    initial = cifar_model(use_dw_shortcut=False)  # BatchNorm statistics would differ between the batch shapes
+    updated = []
+    for batch_size, accumulation in ((8, 1), (4, 2)):
+        model = cifar_model(use_dw_shortcut=False)
+        model.load_state_dict(initial.state_dict())
+        args = TrainingArguments(
+            output_dir=str(tmp_path / f"run{accumulation}"), per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation, max_steps=1, learning_rate=0.1, optim="sgd",
+            lr_scheduler_type="constant", max_grad_norm=0.0, report_to=[], use_cpu=True, save_strategy="no",
+            dataloader_num_workers=0,
+        )
+        Trainer(model=model, args=args, train_dataset=data).train()
+        updated.append(model.classifier.weight.detach().clone())
+    assert not torch.allclose(updated[0], initial.classifier.weight)
+    torch.testing.assert_close(updated[1], updated[0], atol=1e-6, rtol=1e-5)

@@ -188,3 +188,19 @@ def test_fused_model_follows_dtype_and_device_moves():
         fused = model(pixel_values.double()).logits
     assert fused.dtype == torch.float64
     torch.testing.assert_close(fused.float(), expected, rtol=0, atol=1e-5)
+
+
+def test_bias_map_cached_in_inference_mode_serves_a_later_gradient_pass():
+    """A map cached under `torch.inference_mode` must not break a later forward that records autograd."""
+    model = _build("dwvit", [3], span=1)
+    pixel_values = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(pixel_values).logits
+    model.fuse_dw_shortcuts()
+    with torch.inference_mode():
+        model(pixel_values)
+    pixel_values.requires_grad_()
+    logits = model(pixel_values).logits
+    logits.sum().backward()
+    torch.testing.assert_close(logits.detach(), expected, rtol=0, atol=1e-5)
+    assert pixel_values.grad is not None and pixel_values.grad.abs().sum() > 0

@@ -142,11 +142,19 @@ class DepthwiseShortcut(nn.Module):
 
 
 def add_shortcut(block_output: torch.Tensor, shortcut_output: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
-    """Add the shortcut to the patch tokens of `block_output`; prefix (class) tokens receive zeros."""
+    """Add the shortcut to the patch tokens of `block_output`; prefix (class) tokens receive zeros.
+
+    Without autograd (inference) `block_output`, a fresh tensor made by the block, is updated in place.
+    """
     if num_prefix_tokens == 0:
         return block_output + shortcut_output
-    prefix = block_output[:, :num_prefix_tokens]
-    return torch.cat([prefix, block_output[:, num_prefix_tokens:] + shortcut_output], dim=1)
+    if not torch.is_grad_enabled() and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
+        # Inference: one pass over the patch tokens instead of allocating a padded copy and adding it.
+        block_output[:, num_prefix_tokens:] += shortcut_output
+        return block_output
+    # Zero-padding the shortcut and adding the whole sequence leaves the gradient of `block_output` a plain
+    # pass-through; slicing it and concatenating makes backward zero-fill and copy two full-size tensors.
+    return block_output + F.pad(shortcut_output, (0, 0, num_prefix_tokens, 0))
 
 
 class DropPath(nn.Module):
@@ -240,6 +248,10 @@ class RemoteCodeSaveMixin(DepthwiseFusionMixin):
     `transformers` only records the class being saved, so `AutoModel.from_pretrained(folder,
     trust_remote_code=True)` would otherwise find no entry for the encoder.
     """
+
+    # The loss is a per-batch mean that ignores `num_items_in_batch`: Trainer must scale it for gradient
+    # accumulation and data parallelism itself instead of trusting the model to.
+    accepts_loss_kwargs = False
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         base_model = getattr(self, self.base_model_prefix, None)
