@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -308,8 +309,11 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(cifar10_dir, t
 
 def test_two_process_data_parallel_run_on_cpu(cifar10_dir, tmp_path):
     out = tmp_path / "ddp"
+    with socket.socket() as probe:  # a free port, so no other rendezvous on this machine can be joined
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
         str(REPO_ROOT / "run_image_classification.py"),
         *tiny_args(out, "--dataset_name", str(cifar10_dir), "--max_train_samples", "64", "--max_eval_samples", "32",
                    "--per_device_train_batch_size", "8", "--max_steps", "3", "--save_strategy", "steps",
@@ -318,7 +322,8 @@ def test_two_process_data_parallel_run_on_cpu(cifar10_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
+    checkpoints = sorted(p.name for p in out.glob("checkpoint-*"))
+    assert checkpoints == ["checkpoint-3"], (checkpoints, result.stdout[-3000:], result.stderr[-3000:])
     assert (out / "checkpoint-3" / "model.safetensors").is_file()
     run_info = json.loads((out / "run_info.json").read_text())
     assert run_info["world_size"] == 2
