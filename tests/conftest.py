@@ -18,6 +18,22 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 
+CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+# Config keyword arguments that give a classifier CIFAR-10's class names.
+CIFAR10_LABELS = dict(id2label=dict(enumerate(CIFAR10_NAMES)), label2id={name: i for i, name in enumerate(CIFAR10_NAMES)})
+
+
+def warm_up_batchnorm(model, steps: int = 3) -> None:
+    """Forward a few 32x32 batches in training mode so BatchNorm running statistics leave their defaults."""
+    import torch
+
+    model.train()
+    with torch.no_grad():
+        for _ in range(steps):
+            model(torch.randn(4, 3, 32, 32) * 2 + 0.5)
+    model.eval()
+
+
 def _shared_dataset(name: str) -> Path:
     path = SHARED_DATA / name
     if not path.is_dir():

@@ -17,18 +17,16 @@ from transformers import (
     AutoImageProcessor,
     AutoModel,
     AutoModelForImageClassification,
-    Trainer,
-    TrainingArguments,
     pipeline,
 )
 
 import dwvit
 from dwvit import DWCaiTConfig, DWCaiTForImageClassification, DWCaiTModel
+from conftest import CIFAR10_LABELS, CIFAR10_NAMES, warm_up_batchnorm
 
 timm_cait = pytest.importorskip("timm.models.cait")
 timm_vit = pytest.importorskip("timm.models.vision_transformer")
 
-CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 SMALL = dict(
     image_size=32,
     patch_size=4,
@@ -565,19 +563,11 @@ def test_layer_scale_init_value_is_free_when_layer_scale_is_off():
 def cifar_model(**overrides) -> DWCaiTForImageClassification:
     config = DWCaiTConfig(
         **{**SMALL, **overrides},
-        id2label=dict(enumerate(CIFAR10_NAMES)),
-        label2id={name: i for i, name in enumerate(CIFAR10_NAMES)},
+        **CIFAR10_LABELS,
     )
     return DWCaiTForImageClassification(config)
 
 
-def warm_up_batchnorm(model, steps: int = 3) -> None:
-    """Forward a few batches in training mode so BatchNorm running statistics move away from their defaults."""
-    model.train()
-    with torch.no_grad():
-        for _ in range(steps):
-            model(torch.randn(4, 3, 32, 32) * 2 + 0.5)
-    model.eval()
 
 
 def test_auto_classes_know_dwcait():

@@ -19,15 +19,13 @@ from transformers import (
     SwinBackbone,
     SwinConfig,
     SwinForImageClassification,
-    Trainer,
-    TrainingArguments,
     pipeline,
 )
 
 import dwvit
 from dwvit import DWSwinBackbone, DWSwinConfig, DWSwinForImageClassification, DWSwinModel
+from conftest import CIFAR10_LABELS, CIFAR10_NAMES, warm_up_batchnorm
 
-CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 # 32x32 / patch 2 = a 16x16 grid, then 8x8; both larger than the 4x4 window, so odd blocks shift by 2.
 SMALL = dict(image_size=32, patch_size=2, window_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4])
 
@@ -481,18 +479,11 @@ def test_backbone_feature_maps_and_channels():
 def cifar_model(**overrides) -> DWSwinForImageClassification:
     config = DWSwinConfig(
         **{**SMALL, "drop_path_rate": 0.0, **overrides},
-        id2label=dict(enumerate(CIFAR10_NAMES)),
-        label2id={name: i for i, name in enumerate(CIFAR10_NAMES)},
+        **CIFAR10_LABELS,
     )
     return DWSwinForImageClassification(config)
 
 
-def warm_up_batchnorm(model, steps: int = 3) -> None:
-    model.train()
-    with torch.no_grad():
-        for _ in range(steps):
-            model(torch.randn(4, 3, 32, 32) * 2 + 0.5)
-    model.eval()
 
 
 def test_auto_classes_know_dwswin():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import (
@@ -20,27 +19,19 @@ from transformers import (
 
 import dwvit
 from dwvit import DWViTConfig, DWViTForImageClassification, DWViTModel
+from conftest import CIFAR10_LABELS, CIFAR10_NAMES, warm_up_batchnorm
 
-CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 SMALL = dict(image_size=32, patch_size=4, hidden_size=48, num_hidden_layers=4, num_attention_heads=3, intermediate_size=96)
 
 
 def cifar_model(**overrides) -> DWViTForImageClassification:
     config = DWViTConfig(
         **{**SMALL, **overrides},
-        id2label=dict(enumerate(CIFAR10_NAMES)),
-        label2id={name: i for i, name in enumerate(CIFAR10_NAMES)},
+        **CIFAR10_LABELS,
     )
     return DWViTForImageClassification(config)
 
 
-def warm_up_batchnorm(model, steps: int = 3) -> None:
-    """Forward a few batches in training mode so BatchNorm running statistics move away from their defaults."""
-    model.train()
-    with torch.no_grad():
-        for _ in range(steps):
-            model(torch.randn(4, 3, 32, 32) * 2 + 0.5)
-    model.eval()
 
 
 def test_auto_classes_know_dwvit():
