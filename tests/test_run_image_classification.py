@@ -154,6 +154,33 @@ def test_tiny_imagenet_with_grayscale_images(tiny_imagenet_dir, tmp_path):
         assert len(list(csv.DictReader(handle))) == 160
 
 
+@pytest.mark.parametrize(
+    "model_name,overrides,model_class",
+    [
+        ("cait-xxs12-cifar", "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64",
+         "DWCaiTForImageClassification"),
+        ("swin-tiny-cifar", "embed_dim=16,depths=[2,2],num_heads=[2,4],drop_path_rate=0.0",
+         "DWSwinForImageClassification"),
+    ],
+)
+def test_every_family_trains_by_name_and_serves_the_pipeline(cifar10_dir, tmp_path, model_name, overrides, model_class):
+    from transformers import pipeline
+
+    out = tmp_path / "out"
+    metrics = ric.main(
+        tiny_args(out, "--dataset_name", str(cifar10_dir), "--max_train_samples", "32", "--max_eval_samples", "16",
+                  "--do_train", "--do_eval", model=model_name, overrides=overrides)
+    )
+    assert metrics["eval_samples"] == 16 and 0.0 <= metrics["eval_accuracy"] <= 1.0
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == [model_class]
+    assert config["auto_map"]["AutoModelForImageClassification"].endswith(model_class)
+    image = datasets.load_dataset(str(cifar10_dir), split="test[:1]")[0]["img"]
+    predictions = pipeline("image-classification", model=str(out), device="cpu")(image, top_k=10)
+    assert sorted(p["label"] for p in predictions) == sorted(json.loads((out / "config.json").read_text())["id2label"].values())
+    assert sum(p["score"] for p in predictions) == pytest.approx(1.0, abs=1e-4)
+
+
 def build_cifar100_schema(root: Path, rng) -> Path:
     """A dataset in CIFAR-100's schema (img, fine_label, coarse_label) with RGB, grayscale and RGBA images."""
     fine = [f"fine{i}" for i in range(6)]
