@@ -271,6 +271,8 @@ def test_gradient_checkpointing_keeps_the_shortcut_and_counts_batchnorm_once():
     checkpointed.load_state_dict(reference.state_dict())
     checkpointed.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     assert checkpointed.dwvit.encoder.gradient_checkpointing
+    # The shortcuts recompute their activations too (BatchNorm statistics must still move once: checked below).
+    assert all(shortcut.gradient_checkpointing for shortcut in checkpointed.dwvit.encoder.shortcuts)
     pixel_values, labels = torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 2])
     for model in (reference, checkpointed):
         model(pixel_values, labels=labels).loss.backward()
@@ -340,3 +342,31 @@ def test_bad_inputs_raise_clear_errors():
 def test_invalid_config_values(fields, message):
     with pytest.raises(ValueError, match=message):
         small_config(**fields)
+
+
+def saved_activation_bytes(module, *inputs) -> int:
+    """Bytes of tensors autograd keeps for backward during one forward (parameters excluded)."""
+    parameters = {p.data_ptr() for p in module.parameters()}
+    total = 0
+
+    def pack(tensor):
+        nonlocal total
+        if tensor.data_ptr() not in parameters and tensor.numel() > 1:
+            total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        module(*inputs)
+    return total
+
+
+def test_shortcut_recomputes_instead_of_saving_under_gradient_checkpointing():
+    torch.manual_seed(12)
+    shortcut = dwvit.DepthwiseShortcut(48, [3, 5]).train()
+    tokens = torch.randn(4, 64, 48, requires_grad=True)
+    grid_bytes = tokens.numel() * 4
+    stored = saved_activation_bytes(shortcut, tokens, 8, 8)
+    assert stored >= 2 * grid_bytes  # the GELU output and each BatchNorm output
+    shortcut.gradient_checkpointing = True
+    # Only the input is held (and it is a view of the block input, which the block keeps anyway).
+    assert saved_activation_bytes(shortcut, tokens, 8, 8) <= grid_bytes

@@ -3,8 +3,11 @@ classification loss. Kept free of package-absolute imports so that it travels wi
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 
@@ -50,6 +53,9 @@ class DepthwiseShortcut(nn.Module):
         self.register_buffer("fused_shift_weight", None, persistent=False)
         self.register_buffer("fused_bias", None, persistent=False)
         self._bias_maps: dict = {}
+        # Set by `model.gradient_checkpointing_enable()` (transformers toggles every module with this attribute):
+        # the shortcut then keeps no activations for backward and recomputes them, like the blocks beside it.
+        self.gradient_checkpointing = False
 
     @property
     def is_fused(self) -> bool:
@@ -129,8 +135,37 @@ class DepthwiseShortcut(nn.Module):
         # A (B, H, W, C) view permuted to NCHW is already channels-last, so no copy is made on the way in,
         # and the channels-last convolution output permutes back to tokens without a copy either.
         grid = patch_tokens.reshape(batch_size, height, width, channels).permute(0, 3, 1, 2)
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            output = torch.utils.checkpoint.checkpoint(
+                self._grid_forward, grid, use_reentrant=False, context_fn=self._recompute_contexts
+            )
+        else:
+            output = self._grid_forward(grid)
+        return output.permute(0, 2, 3, 1).reshape(batch_size, num_patches, channels)
+
+    def _recompute_contexts(self):
+        """Checkpoint contexts: the first forward runs as is; the recomputation must not move BatchNorm statistics."""
+        return contextlib.nullcontext(), self._batch_norm_statistics_frozen()
+
+    @contextlib.contextmanager
+    def _batch_norm_statistics_frozen(self):
+        # Momentum 0 keeps the running statistics exactly (running * 1 + batch * 0); the batch counter is restored.
+        norms = [branch.norm for branch in self.branches]
+        saved = [(norm.momentum, norm.num_batches_tracked.clone()) for norm in norms]
+        for norm in norms:
+            norm.momentum = 0.0
+        try:
+            yield
+        finally:
+            for norm, (momentum, batches) in zip(norms, saved):
+                norm.momentum = momentum
+                norm.num_batches_tracked.copy_(batches)
+
+    def _grid_forward(self, grid: torch.Tensor) -> torch.Tensor:
+        """GELU and the summed branches on a `(B, C, H, W)` grid."""
         grid = self.activation(grid)
         if self.fused_weight is not None and not self.training:
+            channels, height, width = grid.shape[1:]
             kernel = self.fused_weight.shape[-1]
             output = F.conv2d(grid, self.fused_weight, None, padding=kernel // 2, groups=channels)
             output = output + self._bias_map(height, width, output.dtype)
@@ -138,7 +173,7 @@ class DepthwiseShortcut(nn.Module):
             output = self.branches[0](grid)
             for branch in self.branches[1:]:
                 output = output + branch(grid)
-        return output.permute(0, 2, 3, 1).reshape(batch_size, num_patches, channels)
+        return output
 
 
 def add_shortcut(block_output: torch.Tensor, shortcut_output: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:

@@ -276,7 +276,7 @@ class DWCaiTEncoder(nn.Module):
         for group_index, (start, end) in enumerate(self.groups):
             group_input = hidden_states
             for index in range(start, end):
-                # Checkpointing recomputes only the block: the shortcut's BatchNorm updates its statistics once.
+                # The block is checkpointed here; the shortcut checkpoints itself without moving BatchNorm twice.
                 hidden_states, attn_weights = self._run(self.layers[index], hidden_states, output_attentions)
                 if all_attentions is not None:
                     all_attentions = all_attentions + (attn_weights,)

@@ -367,7 +367,7 @@ class DWSwinStage(nn.Module):
             group_input = hidden_states
             for block in self.blocks[start:end]:
                 if self.gradient_checkpointing and self.training:
-                    # Only the block is recomputed: the shortcut's BatchNorm must update its statistics once.
+                    # The block is checkpointed here; the shortcut checkpoints itself without moving BatchNorm twice.
                     hidden_states, attn_weights = self._gradient_checkpointing_func(
                         block.__call__, hidden_states, input_dimensions, output_attentions
                     )

@@ -200,7 +200,7 @@ class DWViTEncoder(nn.Module):
             group_input = hidden_states
             for layer in self.layers[start:end]:
                 if self.gradient_checkpointing and self.training:
-                    # Only the block is recomputed: the shortcut's BatchNorm must update its statistics once.
+                    # The block is checkpointed here; the shortcut checkpoints itself without moving BatchNorm twice.
                     hidden_states, attn_weights = self._gradient_checkpointing_func(
                         layer.__call__, hidden_states, output_attentions
                     )
