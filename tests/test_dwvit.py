@@ -370,3 +370,21 @@ def test_shortcut_recomputes_instead_of_saving_under_gradient_checkpointing():
     shortcut.gradient_checkpointing = True
     # Only the input is held (and it is a view of the block input, which the block keeps anyway).
     assert saved_activation_bytes(shortcut, tokens, 8, 8) <= grid_bytes
+
+
+def test_regression_and_multi_label_losses():
+    torch.manual_seed(13)
+    pixel_values = torch.randn(3, 3, 32, 32)
+    regression = DWViTForImageClassification(small_config(num_labels=1)).eval()
+    targets = torch.randn(3)
+    with torch.no_grad():
+        out = regression(pixel_values, labels=targets)
+    torch.testing.assert_close(out.loss, ((out.logits.squeeze(-1) - targets) ** 2).mean())
+
+    multi_label = DWViTForImageClassification(small_config(problem_type="multi_label_classification")).eval()
+    targets = torch.randint(0, 2, (3, 5)).float()
+    with torch.no_grad():
+        out = multi_label(pixel_values, labels=targets)
+    probabilities = torch.sigmoid(out.logits)
+    expected = -(targets * probabilities.log() + (1 - targets) * (1 - probabilities).log()).mean()
+    torch.testing.assert_close(out.loss, expected, atol=1e-6, rtol=1e-5)

@@ -228,9 +228,9 @@ def image_classification_loss(logits: torch.Tensor, labels: torch.Tensor, config
     labels = labels.to(logits.device)
     problem_type = getattr(config, "problem_type", None)
     if problem_type == "regression" or (problem_type is None and num_labels == 1):
-        return F.mse_loss(logits.squeeze(-1).float(), labels.squeeze(-1).float()) if num_labels == 1 else F.mse_loss(
-            logits.float(), labels.float()
-        )
+        if num_labels == 1:
+            logits, labels = logits.squeeze(-1), labels.squeeze(-1)
+        return F.mse_loss(logits.float(), labels.float())
     if problem_type == "multi_label_classification":
         return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
     if labels.is_floating_point():
