@@ -34,6 +34,44 @@ def warm_up_batchnorm(model, steps: int = 3) -> None:
     model.eval()
 
 
+def randomise_shortcut_statistics(model, generator) -> None:
+    """Give every shortcut BatchNorm non-trivial statistics and affine parameters, so it is not an identity."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            with torch.no_grad():
+                module.running_mean.copy_(torch.randn(module.num_features, generator=generator) * 0.3)
+                module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+                module.weight.copy_(torch.randn(module.num_features, generator=generator))
+                module.bias.copy_(torch.randn(module.num_features, generator=generator))
+
+
+def hand_shortcut(tokens, grid, branches, training, num_prefix_tokens=0):
+    """The paper's shortcut written with functional ops: GELU -> BatchNorm -> depth-wise conv per branch, summed.
+
+    `tokens` is `(batch, prefix + H*W, C)`; the result has the same shape, with zeros in the prefix (class) slots.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    batch, length, channels = tokens.shape
+    height, width = grid
+    assert length - num_prefix_tokens == height * width
+    patch_grid = tokens[:, num_prefix_tokens:].transpose(1, 2).reshape(batch, channels, height, width)
+    activated = F.gelu(patch_grid)
+    total = torch.zeros_like(patch_grid)
+    for norm, conv in branches:
+        normalised = F.batch_norm(
+            activated, norm.running_mean.clone(), norm.running_var.clone(), norm.weight, norm.bias,
+            training=training, eps=norm.eps,
+        )
+        kernel = conv.weight.shape[-1]
+        total = total + F.conv2d(normalised, conv.weight, conv.bias, padding=kernel // 2, groups=channels)
+    patches = total.reshape(batch, channels, height * width).transpose(1, 2)
+    return torch.cat([patches.new_zeros(batch, num_prefix_tokens, channels), patches], dim=1)
+
+
 def _shared_dataset(name: str) -> Path:
     path = SHARED_DATA / name
     if not path.is_dir():

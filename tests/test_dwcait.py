@@ -22,7 +22,7 @@ from transformers import (
 
 import dwvit
 from dwvit import DWCaiTConfig, DWCaiTForImageClassification, DWCaiTModel
-from conftest import CIFAR10_LABELS, CIFAR10_NAMES, warm_up_batchnorm
+from conftest import CIFAR10_LABELS, CIFAR10_NAMES, hand_shortcut, randomise_shortcut_statistics, warm_up_batchnorm
 
 timm_cait = pytest.importorskip("timm.models.cait")
 timm_vit = pytest.importorskip("timm.models.vision_transformer")
@@ -215,35 +215,6 @@ def test_hidden_states_and_attentions():
 # --------------------------------------------------------------------------------------------------------------
 # The shortcut, and the paper's original code's forms, against hand computations with functional ops.
 # --------------------------------------------------------------------------------------------------------------
-
-
-def randomise_shortcut_statistics(model: nn.Module, generator: torch.Generator) -> None:
-    """Give every shortcut BatchNorm non-trivial statistics and affine parameters, so it is not an identity."""
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            with torch.no_grad():
-                module.running_mean.copy_(torch.randn(module.num_features, generator=generator) * 0.3)
-                module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
-                module.weight.copy_(torch.randn(module.num_features, generator=generator))
-                module.bias.copy_(torch.randn(module.num_features, generator=generator))
-
-
-def hand_shortcut(tokens, grid, branches, training):
-    """GELU -> BatchNorm -> depth-wise conv on ALL tokens (CaiT's patch stage has no class token)."""
-    batch, length, channels = tokens.shape
-    height, width = grid
-    assert length == height * width
-    patch_grid = tokens.transpose(1, 2).reshape(batch, channels, height, width)
-    activated = F.gelu(patch_grid)
-    total = torch.zeros_like(patch_grid)
-    for norm, conv in branches:
-        normalised = F.batch_norm(
-            activated, norm.running_mean.clone(), norm.running_var.clone(), norm.weight, norm.bias,
-            training=training, eps=norm.eps,
-        )
-        kernel = conv.weight.shape[-1]
-        total = total + F.conv2d(normalised, conv.weight, conv.bias, padding=kernel // 2, groups=channels)
-    return total.reshape(batch, channels, height * width).transpose(1, 2)
 
 
 @pytest.mark.parametrize(
@@ -566,8 +537,6 @@ def cifar_model(**overrides) -> DWCaiTForImageClassification:
         **CIFAR10_LABELS,
     )
     return DWCaiTForImageClassification(config)
-
-
 
 
 def test_auto_classes_know_dwcait():

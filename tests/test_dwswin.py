@@ -24,7 +24,7 @@ from transformers import (
 
 import dwvit
 from dwvit import DWSwinBackbone, DWSwinConfig, DWSwinForImageClassification, DWSwinModel
-from conftest import CIFAR10_LABELS, CIFAR10_NAMES, warm_up_batchnorm
+from conftest import CIFAR10_LABELS, CIFAR10_NAMES, hand_shortcut, randomise_shortcut_statistics, warm_up_batchnorm
 
 # 32x32 / patch 2 = a 16x16 grid, then 8x8; both larger than the 4x4 window, so odd blocks shift by 2.
 SMALL = dict(image_size=32, patch_size=2, window_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4])
@@ -207,33 +207,6 @@ def test_backbone_shortcut_off_matches_transformers_swin_backbone():
 
 # --------------------------------------------------------------------------------------------------------------
 # The shortcut against a hand computation.
-
-
-def randomise_shortcut_statistics(model: torch.nn.Module, generator: torch.Generator) -> None:
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            with torch.no_grad():
-                module.running_mean.copy_(torch.randn(module.num_features, generator=generator) * 0.3)
-                module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
-                module.weight.copy_(torch.randn(module.num_features, generator=generator))
-                module.bias.copy_(torch.randn(module.num_features, generator=generator))
-
-
-def hand_shortcut(tokens, grid, branches, training):
-    """GELU -> BatchNorm -> depth-wise conv with functional ops, on all tokens (Swin has no class token)."""
-    batch, _, channels = tokens.shape
-    height, width = grid
-    patch_grid = tokens.transpose(1, 2).reshape(batch, channels, height, width)
-    activated = F.gelu(patch_grid)
-    total = torch.zeros_like(patch_grid)
-    for norm, conv in branches:
-        normalised = F.batch_norm(
-            activated, norm.running_mean.clone(), norm.running_var.clone(), norm.weight, norm.bias,
-            training=training, eps=norm.eps,
-        )
-        kernel = conv.weight.shape[-1]
-        total = total + F.conv2d(normalised, conv.weight, conv.bias, padding=kernel // 2, groups=channels)
-    return total.reshape(batch, channels, height * width).transpose(1, 2)
 
 
 @pytest.mark.parametrize(
@@ -482,8 +455,6 @@ def cifar_model(**overrides) -> DWSwinForImageClassification:
         **CIFAR10_LABELS,
     )
     return DWSwinForImageClassification(config)
-
-
 
 
 def test_auto_classes_know_dwswin():

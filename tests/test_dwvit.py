@@ -9,6 +9,7 @@ from transformers import ViTConfig, ViTForImageClassification
 
 import dwvit
 from dwvit import DWViTConfig, DWViTForImageClassification, DWViTModel
+from conftest import hand_shortcut, randomise_shortcut_statistics
 
 SMALL = dict(image_size=32, patch_size=4, hidden_size=48, num_hidden_layers=4, num_attention_heads=3, intermediate_size=96)
 
@@ -111,35 +112,6 @@ def test_sdpa_is_default_and_not_causal():
     torch.testing.assert_close(sdpa_logits, eager_logits, atol=1e-5, rtol=0)
 
 
-def randomise_shortcut_statistics(model: torch.nn.Module, generator: torch.Generator) -> None:
-    """Give every shortcut BatchNorm non-trivial statistics and affine parameters, so it is not an identity."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            with torch.no_grad():
-                module.running_mean.copy_(torch.randn(module.num_features, generator=generator) * 0.3)
-                module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
-                module.weight.copy_(torch.randn(module.num_features, generator=generator))
-                module.bias.copy_(torch.randn(module.num_features, generator=generator))
-
-
-def hand_shortcut(tokens, grid, branches, training):
-    """GELU -> BatchNorm -> depth-wise conv written with functional ops; class-token slot gets zeros."""
-    batch, length, channels = tokens.shape
-    height, width = grid
-    patch_grid = tokens[:, 1:].transpose(1, 2).reshape(batch, channels, height, width)
-    activated = F.gelu(patch_grid)
-    total = torch.zeros_like(patch_grid)
-    for norm, conv in branches:
-        normalised = F.batch_norm(
-            activated, norm.running_mean.clone(), norm.running_var.clone(), norm.weight, norm.bias,
-            training=training, eps=norm.eps,
-        )
-        kernel = conv.weight.shape[-1]
-        total = total + F.conv2d(normalised, conv.weight, conv.bias, padding=kernel // 2, groups=channels)
-    patches = total.reshape(batch, channels, height * width).transpose(1, 2)
-    return torch.cat([torch.zeros(batch, 1, channels), patches], dim=1)
-
-
 @pytest.mark.parametrize(
     "kernel_sizes,span,image_size,training",
     [([3], 1, 32, False), ([3, 5, 7], 1, 32, False), ([3], 2, 32, False), ([3], 3, 32, False),
@@ -168,7 +140,7 @@ def test_shortcut_matches_hand_computation(kernel_sizes, span, image_size, train
                 expected, _ = layer(expected)
             branches = [(b.norm, b.conv) for b in shortcut_modules[group_index].branches]
             assert [conv.kernel_size[0] for _, conv in branches] == kernel_sizes
-            expected = expected + hand_shortcut(group_input, grid, branches, training)
+            expected = expected + hand_shortcut(group_input, grid, branches, training, num_prefix_tokens=1)
         expected = model.layernorm(expected)
 
         actual = model(pixel_values, interpolate_pos_encoding=True).last_hidden_state
