@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
-from .configuration_dwvit import to_pair, validate_depthwise_fields
+from .configuration_dwvit import (
+    validate_depthwise_fields,
+    validate_patch_grid,
+    validate_positive_ints,
+    validate_probabilities,
+)
 
 
 class DWCaiTConfig(PretrainedConfig):
@@ -143,37 +148,24 @@ class DWCaiTConfig(PretrainedConfig):
         self._validate_dwcait()
 
     def _validate_dwcait(self) -> None:
-        for name in (
-            "num_channels",
-            "hidden_size",
-            "num_hidden_layers",
-            "num_class_attention_layers",
-            "num_attention_heads",
-            "intermediate_size",
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int; got {value!r}.")
+        validate_positive_ints(
+            self,
+            (
+                "num_channels",
+                "hidden_size",
+                "num_hidden_layers",
+                "num_class_attention_layers",
+                "num_attention_heads",
+                "intermediate_size",
+            ),
+        )
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
                 f"({self.num_attention_heads})."
             )
-        image_height, image_width = to_pair(self.image_size)
-        patch_height, patch_width = to_pair(self.patch_size)
-        if min(image_height, image_width, patch_height, patch_width) < 1:
-            raise ValueError(
-                f"image_size and patch_size must be positive; got {self.image_size!r} and {self.patch_size!r}."
-            )
-        if image_height % patch_height or image_width % patch_width:
-            raise ValueError(
-                f"image_size ({self.image_size}) must be divisible by patch_size ({self.patch_size}) so that the "
-                f"depth-wise shortcut sees a whole patch grid."
-            )
-        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"{name} must lie in [0, 1); got {value!r}.")
+        validate_patch_grid(self)
+        validate_probabilities(self)
         if self.use_layer_scale and not self.layer_scale_init_value > 0.0:
             raise ValueError(
                 f"layer_scale_init_value must be a positive float (e.g. 1e-5) when use_layer_scale=True; "

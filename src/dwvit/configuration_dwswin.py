@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import BackboneConfigMixin, PretrainedConfig
 
-from .configuration_dwvit import to_pair, validate_depthwise_fields
+from .configuration_dwvit import to_pair, validate_depthwise_fields, validate_positive_ints, validate_probabilities
 
 
 class DWSwinConfig(BackboneConfigMixin, PretrainedConfig):
@@ -109,10 +109,7 @@ class DWSwinConfig(BackboneConfigMixin, PretrainedConfig):
         super().__init__(**kwargs)
 
     def _validate_dwswin(self) -> None:
-        for name in ("num_channels", "embed_dim", "window_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int; got {value!r}.")
+        validate_positive_ints(self, ("num_channels", "embed_dim", "window_size"))
         for name in ("depths", "num_heads"):
             value = getattr(self, name)
             if (
@@ -145,10 +142,7 @@ class DWSwinConfig(BackboneConfigMixin, PretrainedConfig):
             )
         if not (isinstance(self.mlp_ratio, (int, float)) and self.mlp_ratio > 0):
             raise ValueError(f"mlp_ratio must be a positive number; got {self.mlp_ratio!r}.")
-        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"{name} must lie in [0, 1); got {value!r}.")
+        validate_probabilities(self)
         # A shortcut never spans two stages, so the longest stage bounds the span.
         validate_depthwise_fields(self, max(self.depths))
 

@@ -13,6 +13,37 @@ def to_pair(value) -> tuple[int, int]:
     return int(value), int(value)
 
 
+def validate_positive_ints(config, names) -> None:
+    """Raise a ValueError naming the first of `names` that is not a positive int."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int; got {value!r}.")
+
+
+def validate_probabilities(config, names=("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate")):
+    """Raise a ValueError naming the first of `names` outside [0, 1)."""
+    for name in names:
+        value = getattr(config, name)
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"{name} must lie in [0, 1); got {value!r}.")
+
+
+def validate_patch_grid(config) -> None:
+    """image_size and patch_size must be positive and tile the image exactly (the shortcut needs a whole grid)."""
+    image_height, image_width = to_pair(config.image_size)
+    patch_height, patch_width = to_pair(config.patch_size)
+    if min(image_height, image_width, patch_height, patch_width) < 1:
+        raise ValueError(
+            f"image_size and patch_size must be positive; got {config.image_size!r} and {config.patch_size!r}."
+        )
+    if image_height % patch_height or image_width % patch_width:
+        raise ValueError(
+            f"image_size ({config.image_size}) must be divisible by patch_size ({config.patch_size}) so that the "
+            f"depth-wise shortcut sees a whole patch grid."
+        )
+
+
 def validate_depthwise_fields(config, num_blocks: int) -> None:
     """Check the shortcut fields every DW family shares; raise a ValueError naming the field."""
     kernel_sizes = config.dw_kernel_sizes
@@ -115,30 +146,16 @@ class DWViTConfig(PretrainedConfig):
         self._validate_dwvit()
 
     def _validate_dwvit(self) -> None:
-        for name in ("num_channels", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int; got {value!r}.")
+        validate_positive_ints(
+            self, ("num_channels", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+        )
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
                 f"({self.num_attention_heads})."
             )
-        image_height, image_width = to_pair(self.image_size)
-        patch_height, patch_width = to_pair(self.patch_size)
-        if min(image_height, image_width, patch_height, patch_width) < 1:
-            raise ValueError(
-                f"image_size and patch_size must be positive; got {self.image_size!r} and {self.patch_size!r}."
-            )
-        if image_height % patch_height or image_width % patch_width:
-            raise ValueError(
-                f"image_size ({self.image_size}) must be divisible by patch_size ({self.patch_size}) so that the "
-                f"depth-wise shortcut sees a whole patch grid."
-            )
-        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"{name} must lie in [0, 1); got {value!r}.")
+        validate_patch_grid(self)
+        validate_probabilities(self)
         if self.pooling not in ("cls", "mean"):
             raise ValueError(f"pooling must be one of 'cls', 'mean'; got {self.pooling!r}.")
         validate_depthwise_fields(self, self.num_hidden_layers)
