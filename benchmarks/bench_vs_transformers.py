@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")
@@ -50,6 +51,14 @@ def build_models(image_size: int, patch_size: int, num_labels: int) -> dict[str,
     }
 
 
+def ratio_spread(times: list[float], baseline: list[float]) -> str:
+    """Interquartile range of the per-round ratios: a round runs every model once, back to back, so its ratio
+    shares the machine's state of the moment (background load, the heap left by the model before)."""
+    ratios = sorted(time / base for time, base in zip(times, baseline))
+    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    return f"{quartiles[0]:.2f}-{quartiles[2]:.2f}"
+
+
 def profile_models(models, functions, title: str, rows: int) -> None:
     for name, function in functions.items():
         function()
@@ -74,9 +83,19 @@ def main() -> None:
     batch_224 = args.batch_size or (4 if args.quick else 16)
     device, autocast = device_and_autocast(args.device)
     print(machine_summary(device))
-    print(f"interleaved rounds: {repeats}; median seconds per call; ratio = time / transformers ViT time\n")
+    print(
+        f"interleaved rounds: {repeats}; median seconds per call; ratio = median time / median transformers ViT time; "
+        "IQR = interquartile range of the per-round ratios\n"
+    )
 
-    headers = ["setting", "model", "inference ms/batch", "inference ratio", "train step ms/batch", "train ratio"]
+    headers = [
+        "setting",
+        "model",
+        "inference ms/batch",
+        "inference ratio (IQR)",
+        "train step ms/batch",
+        "train ratio (IQR)",
+    ]
     rows = []
     for image_size, patch_size, batch_size, num_labels in ((224, 16, batch_224, 1000), (32, 4, 4 * batch_224, 10)):
         torch.manual_seed(0)
@@ -103,8 +122,17 @@ def main() -> None:
         base_train = median(train_times["transformers ViT"])
         for name in models:
             infer, train = median(infer_times[name]), median(train_times[name])
+            infer_spread = ratio_spread(infer_times[name], infer_times["transformers ViT"])
+            train_spread = ratio_spread(train_times[name], train_times["transformers ViT"])
             rows.append(
-                [setting, name, f"{1000 * infer:.1f}", f"{infer / base_infer:.3f}", f"{1000 * train:.1f}", f"{train / base_train:.3f}"]
+                [
+                    setting,
+                    name,
+                    f"{1000 * infer:.1f}",
+                    f"{infer / base_infer:.3f} ({infer_spread})",
+                    f"{1000 * train:.1f}",
+                    f"{train / base_train:.3f} ({train_spread})",
+                ]
             )
         if args.profile:
             profile_models(models, training, f"train step {setting}", 25)

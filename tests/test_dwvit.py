@@ -147,6 +147,47 @@ def test_shortcut_matches_hand_computation(kernel_sizes, span, image_size, train
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("num_prefix_tokens", [0, 1, 2])
+def test_shortcut_gradients_match_autograd_through_the_hand_computation(num_prefix_tokens):
+    """Training-mode backward (with its own class-token handling) against autograd through functional ops."""
+    from dwvit.dw_layers import add_shortcut
+
+    torch.manual_seed(14)
+    grid, channels = (3, 4), 6
+    shortcut = dwvit.DepthwiseShortcut(channels, [3, 5]).train()
+    randomise_shortcut_statistics(shortcut, torch.Generator().manual_seed(15))
+    branches = [(b.norm, b.conv) for b in shortcut.branches]
+    tokens = torch.randn(2, num_prefix_tokens + 12, channels, requires_grad=True)
+    block_output = torch.randn(2, num_prefix_tokens + 12, channels, requires_grad=True)
+    upstream = torch.randn(2, num_prefix_tokens + 12, channels)
+
+    actual = add_shortcut(block_output * 1, shortcut(tokens, *grid, num_prefix_tokens), num_prefix_tokens)
+    actual_grads = torch.autograd.grad(actual, [tokens, block_output, *shortcut.parameters()], upstream)
+    expected = block_output * 1 + hand_shortcut(tokens, grid, branches, True, num_prefix_tokens)
+    expected_grads = torch.autograd.grad(expected, [tokens, block_output, *shortcut.parameters()], upstream)
+
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    # The block output here does not depend on `tokens`, so the class tokens get no gradient at all.
+    assert torch.equal(actual_grads[0][:, :num_prefix_tokens], torch.zeros(2, num_prefix_tokens, channels))
+    for got, want in zip(actual_grads, expected_grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_shortcut_with_class_token_passes_gradcheck():
+    """Finite differences in float64: the custom backward of the class-token boundary is exact."""
+    from dwvit.dw_layers import add_shortcut
+
+    torch.manual_seed(16)
+    shortcut = dwvit.DepthwiseShortcut(3, [3]).double().train()
+    tokens = torch.randn(2, 1 + 6, 3, dtype=torch.float64, requires_grad=True)
+    block_output = torch.randn(2, 1 + 6, 3, dtype=torch.float64, requires_grad=True)
+
+    def function(tokens, block_output):
+        return add_shortcut(block_output * 1, shortcut(tokens, 2, 3, 1), 1)
+
+    assert torch.autograd.gradcheck(function, (tokens, block_output))
+
+
 def test_class_token_bypasses_the_shortcut():
     """Only patch tokens change when the shortcut is switched on with the same block weights."""
     torch.manual_seed(5)

@@ -11,6 +11,12 @@ import torch.utils.checkpoint
 from torch import nn
 
 
+def _capturing() -> bool:
+    """Whether a graph is being captured (compile, export, tracing): capture sees plain ops, not the eager
+    shortcuts below, and the compiler fuses those itself."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
 def block_groups(num_blocks: int, span: int) -> list[tuple[int, int]]:
     """Split `num_blocks` consecutive blocks into half-open `(start, end)` groups of at most `span` blocks.
 
@@ -114,7 +120,7 @@ class DepthwiseShortcut(nn.Module):
         """The fused bias at every grid position, `(1, C, H, W)`: `conv_{w*t}(ones) + b` with zero padding."""
         key = (height, width, dtype, self.fused_shift_weight.device)
         # Graph capture (compile, export, tracing) must see the computation, not a Python-side cache.
-        capturing = torch.compiler.is_compiling() or torch.jit.is_tracing()
+        capturing = _capturing()
         if not capturing and key in self._bias_maps:
             return self._bias_maps[key]
         channels, kernel = self.fused_shift_weight.shape[0], self.fused_shift_weight.shape[-1]
@@ -125,23 +131,40 @@ class DepthwiseShortcut(nn.Module):
             self._bias_maps[key] = bias_map
         return bias_map
 
-    def forward(self, patch_tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        batch_size, num_patches, channels = patch_tokens.shape
-        if num_patches != height * width:
+    def forward(self, tokens: torch.Tensor, height: int, width: int, num_prefix_tokens: int = 0) -> torch.Tensor:
+        """The shortcut for the patch tokens of `tokens`, `(batch, H*W, C)`, skipping `num_prefix_tokens` leading
+        (class) tokens, which never enter the convolution."""
+        batch_size, num_tokens, channels = tokens.shape
+        if num_tokens - num_prefix_tokens != height * width:
             raise ValueError(
-                f"The depth-wise shortcut got {num_patches} patch tokens for a {height}x{width} grid; "
-                f"expected {height * width}."
+                f"The depth-wise shortcut got {num_tokens - num_prefix_tokens} patch tokens for a {height}x{width} "
+                f"grid; expected {height * width}."
             )
-        # A (B, H, W, C) view permuted to NCHW is already channels-last, so no copy is made on the way in,
-        # and the channels-last convolution output permutes back to tokens without a copy either.
-        grid = patch_tokens.reshape(batch_size, height, width, channels).permute(0, 3, 1, 2)
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             output = torch.utils.checkpoint.checkpoint(
-                self._grid_forward, grid, use_reentrant=False, context_fn=self._recompute_contexts
+                self._shortcut_forward,
+                tokens,
+                height,
+                width,
+                num_prefix_tokens,
+                use_reentrant=False,
+                context_fn=self._recompute_contexts,
             )
         else:
-            output = self._grid_forward(grid)
-        return output.permute(0, 2, 3, 1).reshape(batch_size, num_patches, channels)
+            output = self._shortcut_forward(tokens, height, width, num_prefix_tokens)
+        # The channels-last convolution output permutes back to tokens without a copy.
+        return output.permute(0, 2, 3, 1).reshape(batch_size, height * width, channels)
+
+    def _shortcut_forward(self, tokens: torch.Tensor, height: int, width: int, num_prefix_tokens: int) -> torch.Tensor:
+        batch_size, _, channels = tokens.shape
+        if num_prefix_tokens and torch.is_grad_enabled() and tokens.requires_grad and not _capturing():
+            activated = _PatchTokenGELU.apply(tokens, num_prefix_tokens, self.activation.approximate)
+        else:
+            activated = self.activation(tokens[:, num_prefix_tokens:])
+        # A (B, H, W, C) view permuted to NCHW is channels-last, so BatchNorm and the oneDNN depth-wise conv
+        # run channels-last without a copy.
+        grid = activated.reshape(batch_size, height, width, channels).permute(0, 3, 1, 2)
+        return self._grid_forward(grid)
 
     def _recompute_contexts(self):
         """Checkpoint contexts: the first forward runs as is; the recomputation must not move BatchNorm statistics."""
@@ -162,18 +185,89 @@ class DepthwiseShortcut(nn.Module):
                 norm.num_batches_tracked.copy_(batches)
 
     def _grid_forward(self, grid: torch.Tensor) -> torch.Tensor:
-        """GELU and the summed branches on a `(B, C, H, W)` grid."""
-        grid = self.activation(grid)
+        """The summed branches on an activated `(B, C, H, W)` grid."""
+        # Without autograd the activated grid and the conv outputs are scratch, so work happens in place: on the
+        # CPU every full-size buffer avoided is also a round of page faults avoided.
+        in_place = scratch_in_place()
         if self.fused_weight is not None and not self.training:
             channels, height, width = grid.shape[1:]
             kernel = self.fused_weight.shape[-1]
             output = F.conv2d(grid, self.fused_weight, None, padding=kernel // 2, groups=channels)
-            output = output + self._bias_map(height, width, output.dtype)
-        else:
-            output = self.branches[0](grid)
-            for branch in self.branches[1:]:
-                output = output + branch(grid)
+            bias_map = self._bias_map(height, width, output.dtype)
+            return output.add_(bias_map) if in_place else output + bias_map
+        if in_place and not any(branch.norm.training or branch.norm.running_mean is None for branch in self.branches):
+            return self._branches_in_place(grid)
+        output = self.branches[0](grid)
+        for branch in self.branches[1:]:
+            output = output + branch(grid)
         return output
+
+    def _branches_in_place(self, grid: torch.Tensor) -> torch.Tensor:
+        """Inference with running statistics: each BatchNorm is a per-channel affine map, and the last branch
+        applies it to `grid` in place instead of allocating its normalised copy."""
+        output = None
+        for index, branch in enumerate(self.branches):
+            norm = branch.norm
+            scale = torch.rsqrt(norm.running_var + norm.eps)
+            if norm.weight is not None:
+                scale = scale * norm.weight
+            shift = -norm.running_mean * scale
+            if norm.bias is not None:
+                shift = shift + norm.bias
+            last = index == len(self.branches) - 1
+            normalised = torch.addcmul(
+                shift.view(1, -1, 1, 1), grid, scale.view(1, -1, 1, 1), out=grid if last else None
+            )
+            branch_output = branch.conv(normalised)
+            output = branch_output if output is None else output.add_(branch_output)
+        return output
+
+
+class _PatchTokenGELU(torch.autograd.Function):
+    """GELU of the patch tokens, `tokens[:, num_prefix_tokens:]`, as a dense tensor.
+
+    Autograd's slice would give `tokens` a gradient by zero-filling a full-size tensor and copying the patch
+    gradient into it; this backward writes the GELU gradient straight into the patch rows of one fresh tensor
+    and zeroes only the prefix rows.
+    """
+
+    @staticmethod
+    def forward(ctx, tokens: torch.Tensor, num_prefix_tokens: int, approximate: str) -> torch.Tensor:
+        ctx.save_for_backward(tokens)
+        ctx.num_prefix_tokens, ctx.approximate = num_prefix_tokens, approximate
+        return F.gelu(tokens[:, num_prefix_tokens:], approximate=approximate)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (tokens,) = ctx.saved_tensors
+        prefix = ctx.num_prefix_tokens
+        grad_tokens = torch.empty_like(tokens, memory_format=torch.contiguous_format)
+        grad_tokens[:, :prefix].zero_()
+        torch.ops.aten.gelu_backward.grad_input(
+            grad_output, tokens[:, prefix:], approximate=ctx.approximate, grad_input=grad_tokens[:, prefix:]
+        )
+        return grad_tokens, None, None
+
+
+class _AddToPatchTokens(torch.autograd.Function):
+    """`block_output` with `patch_update` added to its patch tokens, in one pass over the sequence.
+
+    Zero-padding the update and adding would fill and copy a full-size tensor first; in-place slice assignment
+    would make backward clone the whole gradient. The update's gradient is made dense here because the
+    depth-wise conv's backward is markedly slower on a strided gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, block_output: torch.Tensor, patch_update: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+        ctx.num_prefix_tokens = num_prefix_tokens
+        output = torch.empty_like(block_output, memory_format=torch.contiguous_format)
+        output[:, :num_prefix_tokens] = block_output[:, :num_prefix_tokens]
+        torch.add(block_output[:, num_prefix_tokens:], patch_update, out=output[:, num_prefix_tokens:])
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        return grad_output, grad_output[:, ctx.num_prefix_tokens :].contiguous(), None
 
 
 def add_shortcut(block_output: torch.Tensor, shortcut_output: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
@@ -183,13 +277,33 @@ def add_shortcut(block_output: torch.Tensor, shortcut_output: torch.Tensor, num_
     """
     if num_prefix_tokens == 0:
         return block_output + shortcut_output
-    if not torch.is_grad_enabled() and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
-        # Inference: one pass over the patch tokens instead of allocating a padded copy and adding it.
+    if scratch_in_place():
         block_output[:, num_prefix_tokens:] += shortcut_output
         return block_output
-    # Zero-padding the shortcut and adding the whole sequence leaves the gradient of `block_output` a plain
-    # pass-through; slicing it and concatenating makes backward zero-fill and copy two full-size tensors.
-    return block_output + F.pad(shortcut_output, (0, 0, num_prefix_tokens, 0))
+    if _capturing():
+        return block_output + F.pad(shortcut_output, (0, 0, num_prefix_tokens, 0))
+    return _AddToPatchTokens.apply(block_output, shortcut_output, num_prefix_tokens)
+
+
+def scratch_in_place() -> bool:
+    """Whether fresh intermediate tensors may be overwritten: no autograd graph and no graph capture."""
+    return not torch.is_grad_enabled() and not _capturing()
+
+
+def add_residual(branch_output: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """`residual + branch_output`. Without autograd the sum is written into `branch_output`, a fresh tensor made
+    by the branch, which saves allocating (and on the CPU page-faulting in) a new full-size buffer per block."""
+    if scratch_in_place() and branch_output.shape == residual.shape:
+        return branch_output.add_(residual)
+    return residual + branch_output
+
+
+def apply_activation(activation_fn: nn.Module, hidden_states: torch.Tensor, exact_gelu: bool) -> torch.Tensor:
+    """`activation_fn(hidden_states)`; the exact GELU runs in place when no autograd graph is recorded (the input,
+    a linear layer's fresh output, is scratch then), so the block's widest buffer is not allocated twice."""
+    if exact_gelu and scratch_in_place():
+        return torch.ops.aten.gelu_(hidden_states)
+    return activation_fn(hidden_states)
 
 
 class DropPath(nn.Module):

@@ -14,7 +14,9 @@ from .dw_layers import (
     DepthwiseShortcut,
     DropPath,
     RemoteCodeSaveMixin,
+    add_residual,
     add_shortcut,
+    apply_activation,
     block_groups,
     image_classification_loss,
 )
@@ -166,11 +168,13 @@ class DWCaiTMLP(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.activation_fn = ACT2FN[config.hidden_act]
+        self.exact_gelu = config.hidden_act == "gelu"
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.fc2(self.activation_fn(self.fc1(hidden_states))))
+        hidden_states = apply_activation(self.activation_fn, self.fc1(hidden_states), self.exact_gelu)
+        return self.dropout(self.fc2(hidden_states))
 
 
 class DWCaiTLayerScale(nn.Module):
@@ -203,8 +207,10 @@ class DWCaiTLayer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False):
         attention_output, attn_weights = self.attention(self.layernorm_before(hidden_states), output_attentions)
-        hidden_states = hidden_states + self.drop_path(self.layer_scale1(attention_output))
-        hidden_states = hidden_states + self.drop_path(self.layer_scale2(self.mlp(self.layernorm_after(hidden_states))))
+        hidden_states = add_residual(self.drop_path(self.layer_scale1(attention_output)), hidden_states)
+        hidden_states = add_residual(
+            self.drop_path(self.layer_scale2(self.mlp(self.layernorm_after(hidden_states)))), hidden_states
+        )
         return hidden_states, attn_weights
 
 

@@ -18,7 +18,9 @@ from .dw_layers import (
     DepthwiseShortcut,
     DropPath,
     RemoteCodeSaveMixin,
+    add_residual,
     add_shortcut,
+    apply_activation,
     block_groups,
     drop_path_rates,
     image_classification_loss,
@@ -261,11 +263,13 @@ class DWSwinMLP(nn.Module):
         hidden = int(config.mlp_ratio * dim)
         self.fc1 = nn.Linear(dim, hidden)
         self.activation_fn = ACT2FN[config.hidden_act]
+        self.exact_gelu = config.hidden_act == "gelu"
         self.fc2 = nn.Linear(hidden, dim)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.fc2(self.activation_fn(self.fc1(hidden_states))))
+        hidden_states = apply_activation(self.activation_fn, self.fc1(hidden_states), self.exact_gelu)
+        return self.dropout(self.fc2(hidden_states))
 
 
 class DWSwinLayer(nn.Module):
@@ -325,8 +329,8 @@ class DWSwinLayer(nn.Module):
             grid = torch.roll(grid, shifts=(shift_size, shift_size), dims=(1, 2))
         attention_output = grid[:, :height, :width].reshape(batch_size, height * width, channels)
 
-        hidden_states = hidden_states + self.drop_path(self.attention_dropout(attention_output))
-        hidden_states = hidden_states + self.drop_path(self.mlp(self.layernorm_after(hidden_states)))
+        hidden_states = add_residual(self.drop_path(self.attention_dropout(attention_output)), hidden_states)
+        hidden_states = add_residual(self.drop_path(self.mlp(self.layernorm_after(hidden_states))), hidden_states)
         return hidden_states, attn_weights
 
 

@@ -14,7 +14,9 @@ from .dw_layers import (
     DepthwiseShortcut,
     DropPath,
     RemoteCodeSaveMixin,
+    add_residual,
     add_shortcut,
+    apply_activation,
     block_groups,
     drop_path_rates,
     image_classification_loss,
@@ -139,11 +141,13 @@ class DWViTMLP(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.activation_fn = ACT2FN[config.hidden_act]
+        self.exact_gelu = config.hidden_act == "gelu"
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.fc2(self.activation_fn(self.fc1(hidden_states))))
+        hidden_states = apply_activation(self.activation_fn, self.fc1(hidden_states), self.exact_gelu)
+        return self.dropout(self.fc2(hidden_states))
 
 
 class DWViTLayer(nn.Module):
@@ -160,8 +164,8 @@ class DWViTLayer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False):
         attention_output, attn_weights = self.attention(self.layernorm_before(hidden_states), output_attentions)
-        hidden_states = hidden_states + self.drop_path(self.attention_dropout(attention_output))
-        hidden_states = hidden_states + self.drop_path(self.mlp(self.layernorm_after(hidden_states)))
+        hidden_states = add_residual(self.drop_path(self.attention_dropout(attention_output)), hidden_states)
+        hidden_states = add_residual(self.drop_path(self.mlp(self.layernorm_after(hidden_states))), hidden_states)
         return hidden_states, attn_weights
 
 
@@ -211,7 +215,7 @@ class DWViTEncoder(nn.Module):
                 if output_hidden_states and layer is not self.layers[end - 1]:
                     all_hidden_states = all_hidden_states + (hidden_states,)
             if self.shortcuts is not None:
-                shortcut = self.shortcuts[group_index](group_input[:, num_prefix_tokens:], *grid_size)
+                shortcut = self.shortcuts[group_index](group_input, *grid_size, num_prefix_tokens)
                 hidden_states = add_shortcut(hidden_states, shortcut, num_prefix_tokens)
             if output_hidden_states:
                 all_hidden_states = all_hidden_states + (hidden_states,)
