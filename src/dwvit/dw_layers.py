@@ -159,6 +159,8 @@ class DepthwiseShortcut(nn.Module):
         batch_size, _, channels = tokens.shape
         if num_prefix_tokens and torch.is_grad_enabled() and tokens.requires_grad and not _capturing():
             activated = _PatchTokenGELU.apply(tokens, num_prefix_tokens, self.activation.approximate)
+        elif num_prefix_tokens and scratch_in_place():
+            activated = _gelu_of_patch_tokens(tokens, num_prefix_tokens, self.activation.approximate)
         else:
             activated = self.activation(tokens[:, num_prefix_tokens:])
         # A (B, H, W, C) view permuted to NCHW is channels-last, so BatchNorm and the oneDNN depth-wise conv
@@ -223,6 +225,13 @@ class DepthwiseShortcut(nn.Module):
         return output
 
 
+def _gelu_of_patch_tokens(tokens: torch.Tensor, num_prefix_tokens: int, approximate: str) -> torch.Tensor:
+    """GELU of `tokens[:, num_prefix_tokens:]` as a new dense tensor. Gathering the strided slice into a copy and
+    applying GELU in place there is faster than GELU on the strided slice, which misses the vectorized loop."""
+    patch_tokens = tokens[:, num_prefix_tokens:].clone(memory_format=torch.contiguous_format)
+    return torch.ops.aten.gelu_(patch_tokens, approximate=approximate)
+
+
 class _PatchTokenGELU(torch.autograd.Function):
     """GELU of the patch tokens, `tokens[:, num_prefix_tokens:]`, as a dense tensor.
 
@@ -235,7 +244,7 @@ class _PatchTokenGELU(torch.autograd.Function):
     def forward(ctx, tokens: torch.Tensor, num_prefix_tokens: int, approximate: str) -> torch.Tensor:
         ctx.save_for_backward(tokens)
         ctx.num_prefix_tokens, ctx.approximate = num_prefix_tokens, approximate
-        return F.gelu(tokens[:, num_prefix_tokens:], approximate=approximate)
+        return _gelu_of_patch_tokens(tokens, num_prefix_tokens, approximate)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
