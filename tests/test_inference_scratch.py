@@ -47,3 +47,22 @@ def test_inference_without_autograd_matches_the_recorded_forward(family, hidden_
     assert len(scratch) == len(recorded) > 3  # the pooled output and every returned hidden state
     for got, want in zip(scratch, recorded):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_inference_without_autograd_under_bf16_autocast_keeps_the_recorded_dtypes(family):
+    """Under autocast the branches run in bf16 while the residual stream stays fp32: an in-place sum would round
+    the stream to bf16 where the recorded forward promotes, so every hidden state must keep its dtype."""
+    model_class, make_config = FAMILIES[family]
+    torch.manual_seed(19)
+    model = model_class(make_config()).eval()
+    pixel_values = torch.randn(2, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        recorded = flatten(model(pixel_values, output_hidden_states=True))
+        with torch.inference_mode():
+            scratch = flatten(model(pixel_values, output_hidden_states=True))
+    assert recorded[0].requires_grad
+    assert [t.dtype for t in scratch] == [t.dtype for t in recorded]
+    for got, want in zip(scratch, recorded):
+        # Both run bf16 matmuls; BatchNorm as an affine map and the in-place GELU round differently in the last bit.
+        torch.testing.assert_close(got.float(), want.float(), atol=5e-2, rtol=5e-2)

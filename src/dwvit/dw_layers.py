@@ -17,6 +17,11 @@ def _capturing() -> bool:
     return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
+def scratch_in_place() -> bool:
+    """Whether fresh intermediate tensors may be overwritten: no autograd graph and no graph capture."""
+    return not torch.is_grad_enabled() and not _capturing()
+
+
 def block_groups(num_blocks: int, span: int) -> list[tuple[int, int]]:
     """Split `num_blocks` consecutive blocks into half-open `(start, end)` groups of at most `span` blocks.
 
@@ -289,20 +294,16 @@ def add_shortcut(block_output: torch.Tensor, shortcut_output: torch.Tensor, num_
     if scratch_in_place():
         block_output[:, num_prefix_tokens:] += shortcut_output
         return block_output
-    if _capturing():
+    if _capturing() or block_output.dtype != shortcut_output.dtype:
         return block_output + F.pad(shortcut_output, (0, 0, num_prefix_tokens, 0))
     return _AddToPatchTokens.apply(block_output, shortcut_output, num_prefix_tokens)
-
-
-def scratch_in_place() -> bool:
-    """Whether fresh intermediate tensors may be overwritten: no autograd graph and no graph capture."""
-    return not torch.is_grad_enabled() and not _capturing()
 
 
 def add_residual(branch_output: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """`residual + branch_output`. Without autograd the sum is written into `branch_output`, a fresh tensor made
     by the branch, which saves allocating (and on the CPU page-faulting in) a new full-size buffer per block."""
-    if scratch_in_place() and branch_output.shape == residual.shape:
+    # Same shape and dtype, or the in-place sum would differ from the promoted one (e.g. bf16 branches under autocast).
+    if scratch_in_place() and branch_output.shape == residual.shape and branch_output.dtype == residual.dtype:
         return branch_output.add_(residual)
     return residual + branch_output
 
