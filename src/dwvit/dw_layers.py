@@ -31,6 +31,17 @@ def block_groups(num_blocks: int, span: int) -> list[tuple[int, int]]:
     return [(start, min(start + span, num_blocks)) for start in range(0, num_blocks, span)]
 
 
+def _batch_norm_as_affine(norm: nn.BatchNorm2d, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(scale, shift)` per channel such that eval-mode `norm(x) == x * scale + shift`, computed in `dtype`."""
+    scale = torch.rsqrt(norm.running_var.to(dtype) + norm.eps)
+    if norm.weight is not None:
+        scale = scale * norm.weight.to(dtype)
+    shift = -norm.running_mean.to(dtype) * scale
+    if norm.bias is not None:
+        shift = shift + norm.bias.to(dtype)
+    return scale, shift
+
+
 class DepthwiseConvBranch(nn.Module):
     """BatchNorm2d followed by a k x k depth-wise convolution: one branch of the shortcut."""
 
@@ -94,8 +105,7 @@ class DepthwiseShortcut(nn.Module):
         bias = torch.zeros(channels, dtype=torch.float64, device=reference.device)
         for branch in self.branches:
             norm, conv = branch.norm, branch.conv
-            scale = norm.weight.double() / torch.sqrt(norm.running_var.double() + norm.eps)
-            shift = norm.bias.double() - norm.running_mean.double() * scale
+            scale, shift = _batch_norm_as_affine(norm, torch.float64)
             k = conv.kernel_size[0]
             offset = (kernel - k) // 2
             branch_weight = conv.weight.double()
@@ -214,13 +224,7 @@ class DepthwiseShortcut(nn.Module):
         applies it to `grid` in place instead of allocating its normalised copy."""
         output = None
         for index, branch in enumerate(self.branches):
-            norm = branch.norm
-            scale = torch.rsqrt(norm.running_var + norm.eps)
-            if norm.weight is not None:
-                scale = scale * norm.weight
-            shift = -norm.running_mean * scale
-            if norm.bias is not None:
-                shift = shift + norm.bias
+            scale, shift = _batch_norm_as_affine(branch.norm, branch.norm.running_var.dtype)
             last = index == len(self.branches) - 1
             normalised = torch.addcmul(
                 shift.view(1, -1, 1, 1), grid, scale.view(1, -1, 1, 1), out=grid if last else None
