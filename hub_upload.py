@@ -6,7 +6,8 @@
 
 Only safe files are published: safetensors weights, config.json (with auto_map), the remote code files it
 names, the image processor, the run's results and a model card. A folder without safetensors weights, or with
-pickle weights, is refused.
+pickle weights, is refused. Token values are redacted from the training command shown in the card, and staging
+stops with an error naming the file if any staged file still holds something shaped like a Hub token.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+
+from dwvit.redaction import file_token_shapes, redact_text
 
 PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # Pickle files a Trainer writes that are not weights: never published, but no reason to refuse the folder.
@@ -115,7 +118,7 @@ def model_card(folder: Path, repo_id: str, config: dict) -> str:
     rows = "\n".join(f"| {key} | {_fmt(value)} |" for key, value in sorted(results.items()))
     labels = config.get("id2label") or {}
     label_list = ", ".join(str(labels[k]) for k in sorted(labels, key=int)[:20]) + (" ..." if len(labels) > 20 else "")
-    command = run_info.get("command", "(not recorded)")
+    command = redact_text(run_info.get("command", "(not recorded)"))  # run_info of older runs held tokens verbatim
     content = f"""---
 {card_data.to_yaml()}
 ---
@@ -157,7 +160,7 @@ With `pip install dwvit`, `import dwvit` registers the classes and `trust_remote
 {CITATION}
 ```
 """
-    return str(ModelCard(content))
+    return redact_text(str(ModelCard(content)))  # values read from the folder could hold a pasted token
 
 
 def _fmt(value) -> str:
@@ -186,7 +189,19 @@ def stage(folder: Path, staging: Path, repo_id: str) -> list[Path]:
     for path in files:
         shutil.copy2(path, staging / path.name)
     (staging / "README.md").write_text(model_card(folder, repo_id, config))
-    return sorted(staging.iterdir())
+    staged = sorted(staging.iterdir())
+    leaks = {path.name: file_token_shapes(path) for path in staged}
+    leaks = {name: shapes for name, shapes in leaks.items() if shapes}
+    if leaks:
+        for path in staged:
+            path.unlink()
+        described = "; ".join(f"{name} ({', '.join(shapes)})" for name, shapes in sorted(leaks.items()))
+        raise ValueError(
+            f"Refusing to publish: staged files still hold what looks like a Hub token: {described}. Remove the "
+            f"token from {folder} (the source of each file named) and revoke it at "
+            f"https://huggingface.co/settings/tokens if it was ever shared. Nothing was staged."
+        )
+    return staged
 
 
 def parse_args(argv=None):

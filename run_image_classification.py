@@ -17,6 +17,7 @@ import logging
 import os
 import shlex
 import sys
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -25,31 +26,37 @@ from transformers import (
     AutoConfig,
     AutoModelForImageClassification,
     HfArgumentParser,
-    Trainer,
     TrainingArguments,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 import dwvit
+from dwvit.checkpointing import latest_complete_checkpoint
+from dwvit.argument_files import arguments_from_file, is_argument_file
 from dwvit.image_processing import DATASET_STATISTICS
-from dwvit.training import (
-    AugmentationConfig,
+from dwvit.redaction import TokenFreePickle, redact_argv, redact_mapping
+from dwvit.trainer import DWTrainer
+from dwvit.augmentation import BatchAugmentation, ImageBatchCollator, build_eval_transform, sample_crop_steps
+from dwvit.configuration_dwvit import to_pair
+from dwvit.data import (
     ImageClassificationDataset,
-    MixupCutmixCollator,
-    SetEpochCallback,
-    build_eval_transform,
-    build_train_transform,
+    apply_unreadable_policy,
     detect_columns,
-    drop_unreadable_images,
     known_dataset,
     label_names,
     load_raw_datasets,
-    make_compute_metrics,
-    parse_config_overrides,
-    parse_floats,
+    scan_images,
     split_train_eval,
     without_decoding,
 )
+from dwvit.training import (
+    AugmentationConfig,
+    SetEpochCallback,
+    TrainingClock,
+    make_compute_metrics,
+    parse_config_overrides,
+    parse_floats,
+)
+from torchvision.transforms import v2
 
 logger = logging.getLogger("run_image_classification")
 
@@ -119,7 +126,13 @@ class DataArguments:
     )
     image_mean: str | None = field(default=None, metadata={"help": 'Normalisation mean, e.g. "0.5,0.5,0.5".'})
     image_std: str | None = field(default=None, metadata={"help": 'Normalisation std, e.g. "0.5,0.5,0.5".'})
-    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for the image check."})
+    decoded_image_cache: bool = field(
+        default=True,
+        metadata={
+            "help": "Decode each split once and keep it decoded (a memory-mapped file in the datasets cache, reused "
+            "by later runs) when its images share one size; off: decode every sample as it is read."
+        },
+    )
     # The paper's augmentation.
     crop_scale_min: float = field(default=0.08, metadata={"help": "RandomResizedCrop's smallest area (1 = resize only)."})
     horizontal_flip_prob: float = field(default=0.5, metadata={"help": "Horizontal flip probability (0 = off)."})
@@ -151,8 +164,11 @@ class DataArguments:
 
 
 @dataclass
-class ImageClassificationTrainingArguments(TrainingArguments):
-    """`TrainingArguments` with the paper's recipe as defaults (AdamW, lr 5e-4, wd 0.05, cosine, clip 5)."""
+class ImageClassificationTrainingArguments(TokenFreePickle, TrainingArguments):
+    """`TrainingArguments` with the paper's recipe as defaults (AdamW, lr 5e-4, wd 0.05, cosine, clip 5).
+
+    Pickled (`training_args.bin`) without `hub_token`: see `dwvit.redaction.TokenFreePickle`.
+    """
 
     learning_rate: float = field(default=5e-4, metadata={"help": "Peak learning rate (paper: 5e-4; Swin 2.5e-4)."})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay."})
@@ -175,18 +191,33 @@ class ImageClassificationTrainingArguments(TrainingArguments):
         default="auto",
         metadata={"help": "'auto': bf16 where the GPU has it, else fp16 on GPUs, none on CPU; or 'no', 'bf16', 'fp16'."},
     )
+    max_train_minutes: float | None = field(
+        default=None,
+        metadata={
+            "help": "Stop training once the training loop (evaluations included) has run this many minutes, summed "
+            "over resumes; the schedule still follows the epochs or max_steps given."
+        },
+    )
     auto_resume: bool = field(
         default=True, metadata={"help": "Resume from the last checkpoint in output_dir when there is one."}
     )
 
 
 def parse_args(args: list[str] | None = None):
+    """Parse command-line arguments; the first may be a .yaml/.yml/.json file of arguments (a recipe).
+
+    A file's entries become `--key=value` arguments placed before the rest of the command line, so the command
+    line overrides the file and every value is parsed exactly as on the command line (`true`/`false` for flags,
+    `5e-4` for floats). Lists go to list fields as several values; dicts (`lr_scheduler_kwargs`) go as JSON. A null,
+    or a list for a field that takes one value (`report_to: [tensorboard, wandb]`), becomes that field's default
+    instead. A key that is no argument is an error naming the key and the file.
+    """
     parser = HfArgumentParser((ModelArguments, DataArguments, ImageClassificationTrainingArguments))
     args = sys.argv[1:] if args is None else list(args)
-    if len(args) == 1 and args[0].endswith(".json"):
-        return parser.parse_json_file(os.path.abspath(args[0]))
-    if len(args) == 1 and args[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(os.path.abspath(args[0]))
+    if args and is_argument_file(args[0]):
+        file_args, defaults = arguments_from_file(parser, args[0])
+        parser.set_defaults(**defaults)
+        args = file_args + args[1:]
     return parser.parse_args_into_dataclasses(args=args)
 
 
@@ -204,7 +235,16 @@ def resolve_mixed_precision(training_args: ImageClassificationTrainingArguments)
 
 
 def build_model(model_args: ModelArguments, labels: list[str]):
-    """A fresh named size, or a saved model with the dataset's label set (new head if the set changed)."""
+    """A fresh named size, or a saved model with the dataset's label set (new head if the set changed).
+
+    A transformers ViT or Swin checkpoint (model_type "vit" or "swin", a folder or Hub id) is converted on load
+    into the DW model of the same size with new depth-wise shortcuts (`dwvit.from_transformers`, with
+    --config_overrides applied, e.g. dw_init=zeros), then loaded like a saved DW model.
+    """
+    import tempfile
+
+    from dwvit.from_transformers import SUPPORTED_MODEL_TYPES
+
     id2label = dict(enumerate(labels))
     label2id = {name: index for index, name in id2label.items()}
     overrides = parse_config_overrides(model_args.config_overrides)
@@ -215,19 +255,32 @@ def build_model(model_args: ModelArguments, labels: list[str]):
         return AutoModelForImageClassification.from_config(config)
     hub_kwargs = dict(cache_dir=model_args.cache_dir, token=model_args.token, trust_remote_code=model_args.trust_remote_code)
     saved = AutoConfig.from_pretrained(model_args.model_name_or_path, **hub_kwargs)
-    same_labels = [saved.id2label[i] for i in sorted(saved.id2label)] == list(labels)
-    config = AutoConfig.from_pretrained(
-        model_args.model_name_or_path, num_labels=len(labels), id2label=id2label, label2id=label2id, **overrides,
-        **hub_kwargs,
-    )
-    ignore = model_args.ignore_mismatched_sizes
-    if ignore is None:
-        ignore = not same_labels
-    if not same_labels:
-        logger.info("New label set (%d classes): the classifier is re-initialised.", len(labels))
-    return AutoModelForImageClassification.from_pretrained(
-        model_args.model_name_or_path, config=config, ignore_mismatched_sizes=ignore, **hub_kwargs
-    )
+    with tempfile.TemporaryDirectory(prefix="dwvit-converted-") as converted_dir:
+        path = model_args.model_name_or_path
+        if saved.model_type in SUPPORTED_MODEL_TYPES:
+            converted = dwvit.from_transformers(
+                path, pretrained_kwargs=dict(cache_dir=model_args.cache_dir, token=model_args.token), **overrides
+            )
+            converted.save_pretrained(converted_dir)
+            logger.info(
+                "Converted the transformers %s checkpoint %s into %s with new depth-wise shortcuts (dw_init=%s).",
+                saved.model_type, path, type(converted).__name__, converted.config.dw_init,
+            )
+            del converted
+            path = converted_dir
+            saved = AutoConfig.from_pretrained(path)
+        same_labels = [saved.id2label[i] for i in sorted(saved.id2label)] == list(labels)
+        config = AutoConfig.from_pretrained(
+            path, num_labels=len(labels), id2label=id2label, label2id=label2id, **overrides, **hub_kwargs,
+        )
+        ignore = model_args.ignore_mismatched_sizes
+        if ignore is None:
+            ignore = not same_labels
+        if not same_labels:
+            logger.info("New label set (%d classes): the classifier is re-initialised.", len(labels))
+        return AutoModelForImageClassification.from_pretrained(
+            path, config=config, ignore_mismatched_sizes=ignore, **hub_kwargs
+        )
 
 
 def apply_sync_batch_norm(model, training_args) -> torch.nn.Module:
@@ -250,6 +303,17 @@ def normalisation(data_args: DataArguments, spec):
     mean = parse_floats(data_args.image_mean, name="image_mean") or mean
     std = parse_floats(data_args.image_std, name="image_std") or std
     return mean, std
+
+
+def scan_split(dataset, image_column: str, data_args, cache_dir):
+    """Decode a split once (or read the cached result): its unreadable images and, if kept, its decoded images."""
+    started = time.perf_counter()
+    scan = scan_images(dataset, image_column, cache_dir=cache_dir, keep_images=data_args.decoded_image_cache)
+    logger.info(
+        "Images of %d rows %s in %.1f s%s.", len(dataset), "read from the decoding cache" if scan.from_cache else "decoded",
+        time.perf_counter() - started, " (kept decoded)" if scan.images is not None else "",
+    )
+    return scan
 
 
 def write_predictions(path, trainer, dataset, raw, image_column, id2label):
@@ -301,6 +365,8 @@ def main(args: list[str] | None = None, callbacks: list | None = None) -> dict:
     logger.setLevel(log_level)
     transformers.utils.logging.set_verbosity(log_level)
     transformers.set_seed(training_args.seed)
+    command = "python run_image_classification.py " + shlex.join(redact_argv(sys.argv[1:] if args is None else args))
+    logger.info("Command: %s", command)
 
     # Data: resolve, pick columns and splits, drop or refuse unreadable images.
     spec = known_dataset(data_args.dataset_name)
@@ -321,15 +387,17 @@ def main(args: list[str] | None = None, callbacks: list | None = None) -> dict:
         eval_raw = eval_raw.shuffle(seed=training_args.seed).select(range(data_args.max_eval_samples))
     train_raw = without_decoding(train_raw, image_column)
     eval_raw = without_decoding(eval_raw, image_column)
-    skipped = {}
+    # One decoding pass per split (cached by fingerprint) finds unreadable images and keeps the decoded ones.
+    skipped, train_scan, eval_scan = {}, None, None
+    train_indices = eval_indices = None
     if training_args.do_train:
-        train_raw, skipped["train_skipped_images"] = drop_unreadable_images(
-            train_raw, image_column, "train", data_args.corrupt_images, data_args.preprocessing_num_workers
-        )
+        train_scan = scan_split(train_raw, image_column, data_args, model_args.cache_dir)
+        train_indices = apply_unreadable_policy(train_scan, len(train_raw), "train", data_args.corrupt_images)
+        skipped["train_skipped_images"] = len(train_scan.unreadable)
     if training_args.do_eval or training_args.do_predict:
-        eval_raw, skipped["eval_skipped_images"] = drop_unreadable_images(
-            eval_raw, image_column, eval_split, data_args.corrupt_images, data_args.preprocessing_num_workers
-        )
+        eval_scan = scan_split(eval_raw, image_column, data_args, model_args.cache_dir)
+        eval_indices = apply_unreadable_policy(eval_scan, len(eval_raw), eval_split, data_args.corrupt_images)
+        skipped["eval_skipped_images"] = len(eval_scan.unreadable)
 
     # Model.
     model = build_model(model_args, labels)
@@ -344,20 +412,30 @@ def main(args: list[str] | None = None, callbacks: list | None = None) -> dict:
     image_size = config.image_size
     crop_ratio = data_args.eval_crop_ratio
     if crop_ratio is None:
-        crop_ratio = 0.875 if min(dwvit.configuration_dwvit.to_pair(image_size)) >= 64 else 1.0
+        crop_ratio = 0.875 if min(to_pair(image_size)) >= 64 else 1.0
+    # Images of one size are cropped with the rest of the augmentation, batch-wise; mixed sizes per sample.
+    train_images = train_scan.images if train_scan is not None else None
+    augmentation = data_args.augmentation()
     train_dataset = ImageClassificationDataset(
-        train_raw, image_column, label_column,
-        build_train_transform(image_size, image_mean, image_std, data_args.augmentation()), seed=training_args.seed,
+        train_raw, image_column, label_column, None if train_images is not None else v2.Compose(
+            [v2.ToImage(), *sample_crop_steps(image_size, augmentation)]
+        ), seed=training_args.seed, images=train_images, indices=train_indices,
     )
+    eval_images = eval_scan.images if eval_scan is not None else None
+    eval_transform = build_eval_transform(image_size, crop_ratio)
+    if eval_images is not None and tuple(eval_images.shape[1:3]) == to_pair(image_size) and crop_ratio == 1.0:
+        eval_transform = None  # already the model's size: resize and crop are the identity
     eval_dataset = ImageClassificationDataset(
-        eval_raw, image_column, label_column, build_eval_transform(image_size, image_mean, image_std, crop_ratio)
+        eval_raw, image_column, label_column, eval_transform, images=eval_images, indices=eval_indices
     )
-    collator = MixupCutmixCollator(
-        len(labels), data_args.mixup_alpha, data_args.cutmix_alpha, data_args.mixup_prob,
-        data_args.mixup_switch_prob, data_args.label_smoothing,
+    collator = ImageBatchCollator(
+        len(labels), image_mean, image_std,
+        BatchAugmentation(image_size, image_mean, image_std, augmentation, crop=train_images is not None),
+        data_args.mixup_alpha, data_args.cutmix_alpha, data_args.mixup_prob, data_args.mixup_switch_prob,
+        data_args.label_smoothing,
     )
 
-    trainer = Trainer(
+    trainer = DWTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset if training_args.do_train else None,
@@ -365,14 +443,15 @@ def main(args: list[str] | None = None, callbacks: list | None = None) -> dict:
         data_collator=collator,
         compute_metrics=make_compute_metrics(),
         processing_class=image_processor,
-        callbacks=[SetEpochCallback(train_dataset), *(callbacks or [])],
+        callbacks=[SetEpochCallback(train_dataset), TrainingClock(training_args.max_train_minutes), *(callbacks or [])],
     )
 
     metrics: dict = {}
     if training_args.do_train:
         checkpoint = training_args.resume_from_checkpoint
         if checkpoint is None and training_args.auto_resume and os.path.isdir(training_args.output_dir):
-            checkpoint = get_last_checkpoint(training_args.output_dir)
+            # The newest complete checkpoint; incomplete or unreadable ones are skipped with a warning.
+            checkpoint = latest_complete_checkpoint(training_args.output_dir, full_state=not training_args.save_only_model)
             if checkpoint is not None:
                 logger.info("Resuming from %s (pass --auto_resume false to start over).", checkpoint)
         result = trainer.train(resume_from_checkpoint=checkpoint)
@@ -392,7 +471,9 @@ def main(args: list[str] | None = None, callbacks: list | None = None) -> dict:
         metrics.update(eval_metrics)
     if training_args.do_predict:
         path = os.path.join(training_args.output_dir, "predictions.csv")
-        predict_metrics = write_predictions(path, trainer, eval_dataset, eval_raw, image_column, config.id2label)
+        predict_metrics = write_predictions(
+            path, trainer, eval_dataset, eval_raw.select(eval_dataset.indices), image_column, config.id2label
+        )
         trainer.log_metrics("predict", predict_metrics)
         trainer.save_metrics("predict", predict_metrics)
         metrics.update(predict_metrics)
@@ -402,7 +483,7 @@ def main(args: list[str] | None = None, callbacks: list | None = None) -> dict:
         if not training_args.do_train:
             trainer.save_model()
         run_info = {
-            "command": "python run_image_classification.py " + shlex.join(sys.argv[1:] if args is None else list(args)),
+            "command": command,  # token values redacted
             "model_name": model_args.model_name_or_path or model_args.model_name,
             "model_type": config.model_type,
             "dataset_name": data_args.dataset_name or data_args.train_dir,
@@ -416,7 +497,7 @@ def main(args: list[str] | None = None, callbacks: list | None = None) -> dict:
             "dwvit_version": dwvit.__version__,
         }
         with open(os.path.join(training_args.output_dir, "run_info.json"), "w") as handle:
-            json.dump(run_info, handle, indent=2)
+            json.dump(redact_mapping(run_info), handle, indent=2)
         metrics["num_parameters"] = num_parameters
         print_summary(metrics, num_parameters, training_args.output_dir, config.model_type)
     return metrics

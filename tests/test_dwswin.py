@@ -24,6 +24,7 @@ from transformers import (
 
 import dwvit
 from dwvit import DWSwinBackbone, DWSwinConfig, DWSwinForImageClassification, DWSwinModel
+from dwvit.from_transformers import convert_state_dict
 from conftest import CIFAR10_LABELS, CIFAR10_NAMES, hand_shortcut, randomise_shortcut_statistics, warm_up_batchnorm
 
 # 32x32 / patch 2 = a 16x16 grid, then 8x8; both larger than the 4x4 window, so odd blocks shift by 2.
@@ -66,38 +67,6 @@ def randomise(model: torch.nn.Module, generator: torch.Generator) -> None:
             parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
 
 
-def swin_to_dwswin_state_dict(theirs: dict[str, torch.Tensor], depths: list[int]) -> dict[str, torch.Tensor]:
-    """Name mapping transformers' Swin -> DWSwin (prefix "swin." -> "dwswin."):
-
-    - `...attention.{q_proj,k_proj,v_proj}` -> `...attention.qkv` (rows concatenated q, k, v)
-    - `...attention.o_proj` -> `...attention.out_proj`
-    - `...attention.relative_position_bias.relative_position_bias_table` -> `...attention.relative_position_bias_table`
-    - everything else keeps its name: `embeddings.patch_embeddings.projection`, `embeddings.norm`,
-      `embeddings.position_embeddings`, `encoder.layers.{s}.blocks.{b}.{layernorm_before,layernorm_after,mlp.fc1,
-      mlp.fc2}`, `encoder.layers.{s}.downsample.{reduction,norm}`, `layernorm`, `classifier`,
-      `hidden_states_norms.{stage}`.
-    """
-    ours = {}
-    for name, tensor in theirs.items():
-        if name.endswith("relative_position_index"):
-            continue  # derived from the window size
-        if ".attention.q_proj." in name or ".attention.k_proj." in name or ".attention.v_proj." in name:
-            continue  # handled below, fused
-        new = name.replace("swin.", "dwswin.", 1) if name.startswith("swin.") else name
-        new = new.replace(".attention.o_proj.", ".attention.out_proj.")
-        new = new.replace(".relative_position_bias.relative_position_bias_table", ".relative_position_bias_table")
-        ours[new] = tensor
-    for stage, depth in enumerate(depths):
-        for block in range(depth):
-            prefix = f"swin.encoder.layers.{stage}.blocks.{block}.attention"
-            for suffix in ("weight", "bias"):
-                if f"{prefix}.q_proj.{suffix}" not in theirs:
-                    continue  # qkv_bias=False
-                fused = torch.cat([theirs[f"{prefix}.{p}.{suffix}"] for p in ("q_proj", "k_proj", "v_proj")], dim=0)
-                ours[f"dwswin.encoder.layers.{stage}.blocks.{block}.attention.qkv.{suffix}"] = fused
-    return ours
-
-
 def faithful_pair(config: DWSwinConfig, seed: int, attn_implementation: str = "sdpa", shifted: bool = True):
     """A random transformers Swin and a DWSwin (shortcut off) holding the same weights."""
     torch.manual_seed(seed)
@@ -109,7 +78,7 @@ def faithful_pair(config: DWSwinConfig, seed: int, attn_implementation: str = "s
             if hasattr(module, "shift_size"):
                 module.shift_size = 0
     model = DWSwinForImageClassification(config).eval()
-    model.load_state_dict(swin_to_dwswin_state_dict(reference.state_dict(), config.depths), strict=True)
+    model.load_state_dict(convert_state_dict(reference), strict=True)
     return model, reference
 
 
@@ -195,7 +164,7 @@ def test_backbone_shortcut_off_matches_transformers_swin_backbone():
     reference = SwinBackbone(hf_swin_config(config, out_features=["stem", "stage1", "stage2"])).eval()
     randomise(reference, torch.Generator().manual_seed(5))
     backbone = DWSwinBackbone(config).eval()
-    backbone.load_state_dict(swin_to_dwswin_state_dict(reference.state_dict(), config.depths), strict=True)
+    backbone.load_state_dict(convert_state_dict(reference), strict=True)
     pixel_values = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         ours = backbone(pixel_values).feature_maps

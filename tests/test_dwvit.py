@@ -9,6 +9,7 @@ from transformers import ViTConfig, ViTForImageClassification
 
 import dwvit
 from dwvit import DWViTConfig, DWViTForImageClassification, DWViTModel
+from dwvit.from_transformers import convert_state_dict
 from conftest import hand_shortcut, randomise_shortcut_statistics
 
 SMALL = dict(image_size=32, patch_size=4, hidden_size=48, num_hidden_layers=4, num_attention_heads=3, intermediate_size=96)
@@ -18,31 +19,10 @@ def small_config(**overrides) -> DWViTConfig:
     return DWViTConfig(**{**SMALL, "num_labels": 5, **overrides})
 
 
-def copy_dwvit_into_hf_vit(model: DWViTForImageClassification, reference: ViTForImageClassification) -> None:
-    """Copy DWViT weights into transformers' ViT by name; the fused qkv splits into q, k, v."""
-    source = model.state_dict()
-    target = {}
-    target["vit.embeddings.cls_token"] = source["dwvit.embeddings.cls_token"]
-    target["vit.embeddings.position_embeddings"] = source["dwvit.embeddings.position_embeddings"]
-    for suffix in ("weight", "bias"):
-        target[f"vit.embeddings.patch_embeddings.projection.{suffix}"] = source[
-            f"dwvit.embeddings.patch_embeddings.projection.{suffix}"
-        ]
-        target[f"vit.layernorm.{suffix}"] = source[f"dwvit.layernorm.{suffix}"]
-        target[f"classifier.{suffix}"] = source[f"classifier.{suffix}"]
-    for i in range(model.config.num_hidden_layers):
-        ours, theirs = f"dwvit.encoder.layers.{i}", f"vit.layers.{i}"
-        for suffix in ("weight", "bias"):
-            for name in ("layernorm_before", "layernorm_after", "mlp.fc1", "mlp.fc2"):
-                target[f"{theirs}.{name}.{suffix}"] = source[f"{ours}.{name}.{suffix}"]
-            target[f"{theirs}.attention.o_proj.{suffix}"] = source[f"{ours}.attention.out_proj.{suffix}"]
-            if f"{ours}.attention.qkv.{suffix}" not in source:
-                continue  # qkv_bias=False
-            q, k, v = source[f"{ours}.attention.qkv.{suffix}"].chunk(3, dim=0)
-            for name, tensor in zip(("q_proj", "k_proj", "v_proj"), (q, k, v)):
-                target[f"{theirs}.attention.{name}.{suffix}"] = tensor
-    missing, unexpected = reference.load_state_dict(target, strict=True)
-    assert not missing and not unexpected
+def copy_hf_vit_into_dwvit(reference: ViTForImageClassification, model: DWViTForImageClassification) -> None:
+    """Load transformers' ViT weights into DWViT with the package's key map (the one `dwvit.from_transformers` uses:
+    q, k, v fused into qkv, o_proj -> out_proj, `vit.layers` -> `dwvit.encoder.layers`)."""
+    model.load_state_dict(convert_state_dict(reference), strict=True)
 
 
 def hf_reference_for(config: DWViTConfig, attn_implementation: str = "eager") -> ViTForImageClassification:
@@ -58,7 +38,13 @@ def hf_reference_for(config: DWViTConfig, attn_implementation: str = "eager") ->
         num_labels=config.num_labels,
     )
     hf_config._attn_implementation = attn_implementation
-    return ViTForImageClassification(hf_config).eval()
+    reference = ViTForImageClassification(hf_config).eval()
+    # Perturb every parameter: transformers starts biases at zero and LayerNorms at the identity.
+    generator = torch.Generator().manual_seed(config.num_hidden_layers)
+    with torch.no_grad():
+        for parameter in reference.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.02)
+    return reference
 
 
 @pytest.mark.parametrize(
@@ -72,7 +58,7 @@ def test_shortcut_off_matches_transformers_vit(sizes, qkv_bias):
     config = DWViTConfig(**sizes, num_labels=7, qkv_bias=qkv_bias, use_dw_shortcut=False)
     model = DWViTForImageClassification(config).eval()
     reference = hf_reference_for(config)
-    copy_dwvit_into_hf_vit(model, reference)
+    copy_hf_vit_into_dwvit(reference, model)
     pixel_values = torch.randn(2, 3, config.image_size, config.image_size)
     with torch.no_grad():
         ours = model(pixel_values, output_hidden_states=True)
@@ -88,7 +74,7 @@ def test_attentions_match_transformers_vit_eager():
     config = small_config(use_dw_shortcut=False)
     model = DWViTForImageClassification(config).eval()
     reference = hf_reference_for(config, "eager")
-    copy_dwvit_into_hf_vit(model, reference)
+    copy_hf_vit_into_dwvit(reference, model)
     pixel_values = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         ours = model(pixel_values, output_attentions=True)
@@ -149,7 +135,7 @@ def test_shortcut_matches_hand_computation(kernel_sizes, span, image_size, train
 
 @pytest.mark.parametrize("num_prefix_tokens", [0, 1, 2])
 def test_shortcut_gradients_match_autograd_through_the_hand_computation(num_prefix_tokens):
-    """Training-mode backward (with its own class-token handling) against autograd through functional ops."""
+    """Training-mode backward, class-token boundary included, against autograd through functional ops."""
     from dwvit.dw_layers import add_shortcut
 
     torch.manual_seed(14)
@@ -174,7 +160,7 @@ def test_shortcut_gradients_match_autograd_through_the_hand_computation(num_pref
 
 
 def test_shortcut_with_class_token_passes_gradcheck():
-    """Finite differences in float64: the custom backward of the class-token boundary is exact."""
+    """Finite differences in float64: the backward across the class-token boundary is exact."""
     from dwvit.dw_layers import add_shortcut
 
     torch.manual_seed(16)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
 
 import pytest
@@ -204,3 +205,37 @@ def test_bias_map_cached_in_inference_mode_serves_a_later_gradient_pass():
     logits.sum().backward()
     torch.testing.assert_close(logits.detach(), expected, rtol=0, atol=1e-5)
     assert pixel_values.grad is not None and pixel_values.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_loading_weights_after_fusion_unfuses(family):
+    """Fused tensors derive from the weights: loading new ones must not leave the old fold in place."""
+    model = _build(family, [3, 5], span=1, seed=0)
+    other = _build(family, [3, 5], span=1, seed=7)
+    pixel_values = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        expected = other(pixel_values).logits
+        model.fuse_dw_shortcuts()
+        model.load_state_dict(other.state_dict())
+        assert not model.dw_shortcuts_fused
+        torch.testing.assert_close(model(pixel_values).logits, expected, rtol=0, atol=0)
+        torch.testing.assert_close(model.fuse_dw_shortcuts()(pixel_values).logits, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fusion_of_a_half_precision_shortcut_is_the_float32_fold_rounded_once(dtype):
+    """The fold of half-precision weights equals the float32 fold of the same values, cast at the end."""
+    shortcut = DepthwiseShortcut(8, (3, 5))
+    _randomize_shortcuts(shortcut, torch.Generator().manual_seed(8))
+    low = shortcut.to(dtype).eval()
+    reference = copy.deepcopy(low).float()  # the same (rounded) values, in float32
+    low.fuse()
+    reference.fuse()
+    assert low.fused_weight.dtype == dtype
+    torch.testing.assert_close(low.fused_weight, reference.fused_weight.to(dtype), rtol=0, atol=0)
+    # GELU(0) = 0, so zero tokens give the bias map alone: the border terms summed, then rounded once.
+    zeros = torch.zeros(2, 5 * 7, 8)
+    with torch.no_grad():
+        got = low(zeros.to(dtype), 5, 7)
+        want = reference(zeros, 5, 7).to(dtype)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO_ROOT))
 import run_image_classification as ric  # noqa: E402
 from dwvit.image_processing import DATASET_STATISTICS  # noqa: E402
 from dwvit.training import (  # noqa: E402
-    MixupCutmixCollator,
+    ImageBatchCollator,
     decode_image,
     load_accuracy_metric,
     parse_config_overrides,
@@ -282,15 +282,47 @@ def test_corrupt_image_is_reported_then_skipped_or_stops_the_run(tmp_path):
 
 
 def test_fine_tune_saved_model_on_a_new_label_set(cifar10_run, tmp_path):
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
     out, _ = cifar10_run
-    train, validation = build_image_folder(tmp_path, np.random.default_rng(4))
+    # A learnable three-class folder (each class has its own dominant colour), so that the loss has to fall.
+    rng = np.random.default_rng(4)
+    train, validation = tmp_path / "train", tmp_path / "validation"
+    for split, count in ((train, 16), (validation, 4)):
+        for index, name in enumerate(("cat", "dog", "fox")):
+            (split / name).mkdir(parents=True)
+            for item in range(count):
+                pixels = rng.integers(0, 96, size=(40, 40, 3))
+                pixels[..., index] += 150
+                Image.fromarray(pixels.astype(np.uint8)).save(split / name / f"{item}.png")
     ric.main(
         tiny_args(tmp_path / "ft", "--model_name_or_path", str(out), "--config_overrides", "", "--train_dir",
-                  str(train), "--validation_dir", str(validation), "--do_train", "--crop_scale_min", "1.0")
+                  str(train), "--validation_dir", str(validation), "--do_train", "--num_train_epochs", "4",
+                  "--learning_rate", "1e-3", "--warmup_steps", "0", "--crop_scale_min", "1.0", "--rand_augment",
+                  "false", "--color_jitter", "0", "--random_erasing_prob", "0", "--mixup_alpha", "0",
+                  "--cutmix_alpha", "0", "--label_smoothing", "0")
     )
     before, after = load_file(out / "model.safetensors"), load_file(tmp_path / "ft" / "model.safetensors")
     assert after["classifier.weight"].shape == (3, 32) and before["classifier.weight"].shape == (10, 32)
     assert set(before) == set(after)
+    not_finite = [name for name, tensor in after.items() if tensor.is_floating_point() and not tensor.isfinite().all()]
+    assert not not_finite, f"non-finite weights after fine-tuning: {not_finite}"
+
+    # 48 images / 16 per batch x 4 epochs = 12 steps, each logged: the loss falls.
+    history = json.loads((tmp_path / "ft" / "trainer_state.json").read_text())["log_history"]
+    losses = [entry["loss"] for entry in history if "loss" in entry]
+    assert len(losses) == 12 and np.isfinite(losses).all()
+    assert np.mean(losses[-3:]) < 0.75 * np.mean(losses[:3]), losses
+
+    # The saved model gives finite logits on the held-out images, and mostly right ones.
+    model = AutoModelForImageClassification.from_pretrained(tmp_path / "ft").eval()
+    processor = AutoImageProcessor.from_pretrained(tmp_path / "ft")
+    paths = sorted(validation.rglob("*.png"))
+    with torch.no_grad():
+        logits = model(**processor([Image.open(path).convert("RGB") for path in paths], return_tensors="pt")).logits
+    assert logits.shape == (12, 3) and torch.isfinite(logits).all()
+    labels = torch.tensor([model.config.label2id[path.parent.name] for path in paths])
+    assert (logits.argmax(-1) == labels).float().mean() >= 0.75
 
 
 class StopAfterStep:
@@ -407,19 +439,22 @@ def test_accuracy_metric_matches_torch_topk():
 
 def test_mixup_cutmix_collator_gives_smoothed_soft_labels():
     samples = [
-        {"pixel_values": torch.full((3, 4, 4), float(i)), "labels": i % 3, "sample_seed": 100 + i} for i in range(4)
+        {"pixel_values": torch.full((3, 4, 4), 40 * i, dtype=torch.uint8), "labels": i % 3, "sample_seed": 100 + i}
+        for i in range(4)
     ]
-    collator = MixupCutmixCollator(num_labels=3, mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1)
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    collator = ImageBatchCollator(3, mean, std, mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1)
     batch = collator(samples)
     assert batch["labels"].shape == (4, 3) and batch["labels"].dtype == torch.float32
     torch.testing.assert_close(batch["labels"].sum(-1), torch.ones(4))
     assert batch["labels"].min() >= 0.1 / 3 - 1e-6  # smoothing puts eps / classes on every class
     again = collator(samples)
     torch.testing.assert_close(again["pixel_values"], batch["pixel_values"])  # seeded by the samples
-    # Smoothing alone: one-hot * 0.9 + 0.1 / 3.
-    plain = MixupCutmixCollator(num_labels=3, mixup_alpha=0, cutmix_alpha=0, label_smoothing=0.1)(samples)
+    # Smoothing alone: one-hot * 0.9 + 0.1 / 3, and the pixels only normalised.
+    plain = ImageBatchCollator(3, mean, std, mixup_alpha=0, cutmix_alpha=0, label_smoothing=0.1)(samples)
     expected = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 0]), 3).float() * 0.9 + 0.1 / 3
     torch.testing.assert_close(plain["labels"], expected)
+    torch.testing.assert_close(plain["pixel_values"][:, 0, 0, 0], (torch.tensor([0.0, 40, 80, 120]) / 255 - 0.5) / 0.25)
     # Evaluation samples (no seed) keep integer labels.
     evaluation = collator([{k: v for k, v in s.items() if k != "sample_seed"} for s in samples])
     assert evaluation["labels"].tolist() == [0, 1, 2, 0]

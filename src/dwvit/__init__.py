@@ -10,6 +10,7 @@ from .configuration_dwvit import DWViTConfig
 from .configuration_dwcait import DWCaiTConfig
 from .configuration_dwswin import DWSwinConfig
 from .dw_layers import DepthwiseShortcut
+from .from_transformers import from_transformers
 from .image_processing import make_image_processor
 from .modeling_dwvit import DWViTForImageClassification, DWViTModel, DWViTPreTrainedModel
 from .modeling_dwcait import DWCaiTForImageClassification, DWCaiTModel, DWCaiTPreTrainedModel
@@ -59,5 +60,6 @@ __all__ = [
     "NAMED_SIZES",
     "named_config",
     "create_model",
+    "from_transformers",
     "make_image_processor",
 ]

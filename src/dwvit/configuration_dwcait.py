@@ -78,6 +78,11 @@ class DWCaiTConfig(PretrainedConfig):
             Consecutive patch blocks one shortcut bypasses (the paper's variant 1 on CaiT uses 2, 3 or 4).
         dw_batch_norm_eps (`float`, defaults to 1e-5):
             Epsilon of the shortcut's BatchNorm2d.
+        dw_init (`str`, defaults to `"paper"`):
+            Initialisation of the shortcut's depth-wise convolution: `"paper"` keeps PyTorch's default
+            (Kaiming-uniform), as the paper does; `"zeros"` zeroes its weight and bias, so the shortcut adds exactly
+            nothing until trained (e.g. when adding shortcuts to a pretrained model). BatchNorm starts at the
+            identity either way.
 
     Example:
 
@@ -117,6 +122,7 @@ class DWCaiTConfig(PretrainedConfig):
         dw_kernel_sizes: list[int] | tuple[int, ...] = (3,),
         dw_block_span: int = 1,
         dw_batch_norm_eps: float = 1e-5,
+        dw_init: str = "paper",
         **kwargs,
     ):
         self.image_size = image_size
@@ -144,6 +150,7 @@ class DWCaiTConfig(PretrainedConfig):
         self.dw_kernel_sizes = list(dw_kernel_sizes) if isinstance(dw_kernel_sizes, (list, tuple)) else dw_kernel_sizes
         self.dw_block_span = dw_block_span
         self.dw_batch_norm_eps = dw_batch_norm_eps
+        self.dw_init = dw_init
         super().__init__(**kwargs)
         self._validate_dwcait()
 

@@ -25,6 +25,11 @@ class DWSwinConfig(BackboneConfigMixin, PretrainedConfig):
             spans two stages; a stage whose depth the span does not divide ends with a shorter group.
         dw_batch_norm_eps (`float`, defaults to 1e-5):
             Epsilon of the shortcut's BatchNorm2d.
+        dw_init (`str`, defaults to `"paper"`):
+            Initialisation of the shortcut's depth-wise convolution: `"paper"` keeps PyTorch's default
+            (Kaiming-uniform), as the paper does; `"zeros"` zeroes its weight and bias, so the shortcut adds exactly
+            nothing until trained (e.g. when adding shortcuts to a pretrained model). BatchNorm starts at the
+            identity either way.
         use_shifted_windows (`bool`, defaults to `True`):
             Shift the windows of every second block by half a window (Swin's SW-MSA). `False` keeps every block on
             the regular window partition; the paper reports both.
@@ -71,6 +76,7 @@ class DWSwinConfig(BackboneConfigMixin, PretrainedConfig):
         dw_kernel_sizes: list[int] | tuple[int, ...] = (3,),
         dw_block_span: int = 1,
         dw_batch_norm_eps: float = 1e-5,
+        dw_init: str = "paper",
         out_features: list[str] | None = None,
         out_indices: list[int] | None = None,
         **kwargs,
@@ -100,6 +106,7 @@ class DWSwinConfig(BackboneConfigMixin, PretrainedConfig):
         self.dw_kernel_sizes = list(dw_kernel_sizes) if isinstance(dw_kernel_sizes, (list, tuple)) else dw_kernel_sizes
         self.dw_block_span = dw_block_span
         self.dw_batch_norm_eps = dw_batch_norm_eps
+        self.dw_init = dw_init
         self._validate_dwswin()
         self.num_layers = len(self.depths)
         # The channel width after the last stage, under the name other `transformers` code looks for.

@@ -5,6 +5,10 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 
+# Initialisations of the shortcut's depth-wise conv: the paper's (PyTorch's default) or an exact no-op start.
+DW_INIT_CHOICES = ("paper", "zeros")
+
+
 def to_pair(value) -> tuple[int, int]:
     if isinstance(value, (list, tuple)):
         if len(value) != 2:
@@ -62,6 +66,9 @@ def validate_depthwise_fields(config, num_blocks: int) -> None:
         raise ValueError(f"dw_block_span must be an int >= 1 (1 = one shortcut per block); got {span!r}.")
     if span > num_blocks:
         raise ValueError(f"dw_block_span must be at most the number of blocks ({num_blocks}); got {span}.")
+    if config.dw_init not in DW_INIT_CHOICES:
+        allowed = ", ".join(repr(choice) for choice in DW_INIT_CHOICES)
+        raise ValueError(f"dw_init must be one of {allowed}; got {config.dw_init!r}.")
 
 
 class DWViTConfig(PretrainedConfig):
@@ -80,6 +87,11 @@ class DWViTConfig(PretrainedConfig):
             Number of consecutive blocks one shortcut bypasses (the paper's variant 1 uses 2, 3 or 4).
         dw_batch_norm_eps (`float`, defaults to 1e-5):
             Epsilon of the shortcut's BatchNorm2d.
+        dw_init (`str`, defaults to `"paper"`):
+            Initialisation of the shortcut's depth-wise convolution: `"paper"` keeps PyTorch's default
+            (Kaiming-uniform), as the paper does; `"zeros"` zeroes its weight and bias, so the shortcut adds exactly
+            nothing until trained (e.g. when adding shortcuts to a pretrained model). BatchNorm starts at the
+            identity either way.
         use_position_embeddings (`bool`, defaults to `True`):
             Learned absolute position embeddings; the paper reports models with and without.
         pooling (`str`, defaults to `"cls"`):
@@ -118,6 +130,7 @@ class DWViTConfig(PretrainedConfig):
         dw_kernel_sizes: list[int] | tuple[int, ...] = (3,),
         dw_block_span: int = 1,
         dw_batch_norm_eps: float = 1e-5,
+        dw_init: str = "paper",
         use_position_embeddings: bool = True,
         pooling: str = "cls",
         **kwargs,
@@ -140,6 +153,7 @@ class DWViTConfig(PretrainedConfig):
         self.dw_kernel_sizes = list(dw_kernel_sizes) if isinstance(dw_kernel_sizes, (list, tuple)) else dw_kernel_sizes
         self.dw_block_span = dw_block_span
         self.dw_batch_norm_eps = dw_batch_norm_eps
+        self.dw_init = dw_init
         self.use_position_embeddings = use_position_embeddings
         self.pooling = pooling
         super().__init__(**kwargs)

@@ -1,25 +1,17 @@
-"""Layers shared by every DW family: the depth-wise convolution shortcut, stochastic depth and the
-classification loss. Kept free of package-absolute imports so that it travels with remote code."""
+"""Layers shared by every DW family: the depth-wise convolution shortcut and its initialisation, stochastic depth,
+position-embedding resizing and the classification loss. Kept free of package-absolute imports so that it travels
+with remote code."""
 
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
-
-
-def _capturing() -> bool:
-    """Whether a graph is being captured (compile, export, tracing): capture sees plain ops, not the eager
-    shortcuts below, and the compiler fuses those itself."""
-    return torch.compiler.is_compiling() or torch.jit.is_tracing()
-
-
-def scratch_in_place() -> bool:
-    """Whether fresh intermediate tensors may be overwritten: no autograd graph and no graph capture."""
-    return not torch.is_grad_enabled() and not _capturing()
+from transformers import initialization as init
 
 
 def block_groups(num_blocks: int, span: int) -> list[tuple[int, int]]:
@@ -29,17 +21,6 @@ def block_groups(num_blocks: int, span: int) -> list[tuple[int, int]]:
     shorter when `span` does not divide `num_blocks`, so a shortcut never reaches past the blocks it is given.
     """
     return [(start, min(start + span, num_blocks)) for start in range(0, num_blocks, span)]
-
-
-def _batch_norm_as_affine(norm: nn.BatchNorm2d, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(scale, shift)` per channel such that eval-mode `norm(x) == x * scale + shift`, computed in `dtype`."""
-    scale = torch.rsqrt(norm.running_var.to(dtype) + norm.eps)
-    if norm.weight is not None:
-        scale = scale * norm.weight.to(dtype)
-    shift = -norm.running_mean.to(dtype) * scale
-    if norm.bias is not None:
-        shift = shift + norm.bias.to(dtype)
-    return scale, shift
 
 
 class DepthwiseConvBranch(nn.Module):
@@ -59,11 +40,13 @@ class DepthwiseConvBranch(nn.Module):
 class DepthwiseShortcut(nn.Module):
     """The paper's shortcut: GELU -> BatchNorm2d -> depth-wise Conv2d on the 2-D grid of patch tokens.
 
-    Several kernel sizes build independent parallel branches (variant 2) whose outputs are summed; the GELU
-    is shared because every branch applies it to the same input. Input and output are `(batch, H*W, C)`
-    patch tokens in row-major grid order; the caller keeps class tokens out.
+    Several kernel sizes build independent parallel branches (variant 2) whose outputs are summed; the GELU is
+    shared because every branch applies it to the same input. `forward` reads `(batch, prefix + H*W, C)` tokens and
+    returns the shortcut of the `H*W` patch tokens, `(batch, H*W, C)`, in row-major grid order; `add_shortcut` adds
+    it to a block output.
 
-    For inference, `fuse()` re-parameterizes the module exactly (see `fuse`); `train()` undoes it.
+    A branch's `norm` slot may hold another module (DETR swaps every BatchNorm2d for a frozen one): the forward just
+    calls it. For inference, `fuse()` re-parameterizes the module exactly; `train()` and loading weights undo it.
     """
 
     def __init__(self, channels: int, kernel_sizes: list[int] | tuple[int, ...] = (3,), batch_norm_eps: float = 1e-5):
@@ -83,9 +66,45 @@ class DepthwiseShortcut(nn.Module):
     def is_fused(self) -> bool:
         return self.fused_weight is not None
 
+    def forward(self, tokens: torch.Tensor, height: int, width: int, num_prefix_tokens: int = 0) -> torch.Tensor:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(
+                self._shortcut,
+                tokens,
+                height,
+                width,
+                num_prefix_tokens,
+                use_reentrant=False,
+                context_fn=self._recompute_contexts,
+            )
+        return self._shortcut(tokens, height, width, num_prefix_tokens)
+
+    def _shortcut(self, tokens: torch.Tensor, height: int, width: int, num_prefix_tokens: int) -> torch.Tensor:
+        batch_size, num_tokens, channels = tokens.shape
+        if num_tokens - num_prefix_tokens != height * width:
+            raise ValueError(
+                f"The depth-wise shortcut got {num_tokens - num_prefix_tokens} patch tokens for a {height}x{width} "
+                f"grid; expected {height * width}."
+            )
+        # Row-major patch tokens viewed as (B, H, W, C) and permuted to NCHW are channels-last already, so the norm
+        # and the oneDNN depth-wise conv read them without a copy (in NCHW the conv is markedly slower on the CPU).
+        grid = tokens[:, num_prefix_tokens:].reshape(batch_size, height, width, channels).permute(0, 3, 1, 2)
+        grid = self.activation(grid)
+        if self.is_fused:
+            output = self._fused_conv(grid)
+        else:
+            output = self.branches[0](grid)
+            for branch in self.branches[1:]:
+                output = output + branch(grid)
+        return output.permute(0, 2, 3, 1).reshape(batch_size, height * width, channels)
+
+    def _recompute_contexts(self):
+        """Checkpoint contexts: the forward runs as is; its recomputation in backward must not move statistics."""
+        return contextlib.nullcontext(), _running_statistics_frozen([branch.norm for branch in self.branches])
+
     @torch.no_grad()
     def fuse(self) -> None:
-        """Fold every branch's BatchNorm (running statistics) into its conv and merge the branches into one conv.
+        """Fold every branch's norm (running statistics) into its conv and merge the branches into one conv.
 
         A branch computes `conv_w(s * g + t) + b` on the zero-padded grid of `g = GELU(x)`, where
         `s = gamma / sqrt(var + eps)` and `t = beta - mean * s`. By linearity this equals
@@ -93,29 +112,32 @@ class DepthwiseShortcut(nn.Module):
         largest kernel (smaller kernels zero-padded, centred), and `conv_{w*t}(1) + b` is a bias *map* that is
         constant inside the grid but differs within `k // 2` of its borders, where zero padding drops part of
         the shift. The map is computed exactly per grid size (and cached), so the fused module is exact.
+
+        Folding runs in at least float32 and is cast to the parameters' dtype once; the bias-map terms, which
+        may cancel, stay in that precision. The norm may be a BatchNorm2d or a look-alike holding the same running
+        statistics (DETR's frozen BatchNorm); any other norm raises a `TypeError`.
         """
         if self.training:
             raise RuntimeError("DepthwiseShortcut.fuse() uses BatchNorm running statistics: call .eval() first.")
-        kernel = max(branch.conv.kernel_size[0] for branch in self.branches)
         reference = self.branches[0].conv.weight
+        dtype = torch.promote_types(reference.dtype, torch.float32)
         channels = reference.shape[0]
-        # float64 keeps the folded weights as close as the parameter dtype allows to the unfused computation.
-        weight = torch.zeros(channels, 1, kernel, kernel, dtype=torch.float64, device=reference.device)
+        kernel = max(branch.conv.kernel_size[0] for branch in self.branches)
+        weight = reference.new_zeros(channels, 1, kernel, kernel, dtype=dtype)
         shift_weight = torch.zeros_like(weight)
-        bias = torch.zeros(channels, dtype=torch.float64, device=reference.device)
+        bias = reference.new_zeros(channels, dtype=dtype)
         for branch in self.branches:
-            norm, conv = branch.norm, branch.conv
-            scale, shift = _batch_norm_as_affine(norm, torch.float64)
-            k = conv.kernel_size[0]
-            offset = (kernel - k) // 2
-            branch_weight = conv.weight.double()
-            weight[:, :, offset : offset + k, offset : offset + k] += branch_weight * scale.view(-1, 1, 1, 1)
-            shift_weight[:, :, offset : offset + k, offset : offset + k] += branch_weight * shift.view(-1, 1, 1, 1)
-            if conv.bias is not None:
-                bias += conv.bias.double()
+            scale, shift = _norm_as_affine(branch.norm, dtype)
+            conv_weight = branch.conv.weight.to(dtype)
+            inset = (kernel - conv_weight.shape[-1]) // 2
+            window = (slice(None), slice(None), slice(inset, kernel - inset), slice(inset, kernel - inset))
+            weight[window] += conv_weight * scale.view(-1, 1, 1, 1)
+            shift_weight[window] += conv_weight * shift.view(-1, 1, 1, 1)
+            if branch.conv.bias is not None:
+                bias += branch.conv.bias.to(dtype)
         self.fused_weight = weight.to(reference.dtype)
-        self.fused_shift_weight = shift_weight.to(reference.dtype)
-        self.fused_bias = bias.to(reference.dtype)
+        self.fused_shift_weight = shift_weight
+        self.fused_bias = bias
         self._bias_maps = {}
 
     def unfuse(self) -> None:
@@ -131,193 +153,123 @@ class DepthwiseShortcut(nn.Module):
             self.unfuse()
         return super().train(mode)
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        # New weights make the fused tensors stale: the module computes from its branches until fused again.
+        self.unfuse()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _fused_conv(self, grid: torch.Tensor) -> torch.Tensor:
+        channels, height, width = grid.shape[1:]
+        kernel = self.fused_weight.shape[-1]
+        output = F.conv2d(grid, self.fused_weight, None, padding=kernel // 2, groups=channels)
+        return output + self._bias_map(height, width, output.dtype)
+
     def _bias_map(self, height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
         """The fused bias at every grid position, `(1, C, H, W)`: `conv_{w*t}(ones) + b` with zero padding."""
         key = (height, width, dtype, self.fused_shift_weight.device)
         # Graph capture (compile, export, tracing) must see the computation, not a Python-side cache.
-        capturing = _capturing()
+        capturing = torch.compiler.is_compiling() or torch.jit.is_tracing()
         if not capturing and key in self._bias_maps:
             return self._bias_maps[key]
         channels, kernel = self.fused_shift_weight.shape[0], self.fused_shift_weight.shape[-1]
         ones = self.fused_shift_weight.new_ones(1, channels, height, width)
-        bias_map = F.conv2d(ones, self.fused_shift_weight, self.fused_bias, padding=kernel // 2, groups=channels)
+        # Autocast would round the map to half precision before the single cast below.
+        with torch.autocast(ones.device.type, enabled=False):
+            bias_map = F.conv2d(ones, self.fused_shift_weight, self.fused_bias, padding=kernel // 2, groups=channels)
         bias_map = bias_map.to(dtype)
         if not capturing:
             self._bias_maps[key] = bias_map
         return bias_map
 
-    def forward(self, tokens: torch.Tensor, height: int, width: int, num_prefix_tokens: int = 0) -> torch.Tensor:
-        """The shortcut for the patch tokens of `tokens`, `(batch, H*W, C)`, skipping `num_prefix_tokens` leading
-        (class) tokens, which never enter the convolution."""
-        batch_size, num_tokens, channels = tokens.shape
-        if num_tokens - num_prefix_tokens != height * width:
-            raise ValueError(
-                f"The depth-wise shortcut got {num_tokens - num_prefix_tokens} patch tokens for a {height}x{width} "
-                f"grid; expected {height * width}."
-            )
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            output = torch.utils.checkpoint.checkpoint(
-                self._shortcut_forward,
-                tokens,
-                height,
-                width,
-                num_prefix_tokens,
-                use_reentrant=False,
-                context_fn=self._recompute_contexts,
-            )
-        else:
-            output = self._shortcut_forward(tokens, height, width, num_prefix_tokens)
-        # The channels-last convolution output permutes back to tokens without a copy.
-        return output.permute(0, 2, 3, 1).reshape(batch_size, height * width, channels)
 
-    def _shortcut_forward(self, tokens: torch.Tensor, height: int, width: int, num_prefix_tokens: int) -> torch.Tensor:
-        batch_size, _, channels = tokens.shape
-        if num_prefix_tokens and torch.is_grad_enabled() and tokens.requires_grad and not _capturing():
-            activated = _PatchTokenGELU.apply(tokens, num_prefix_tokens, self.activation.approximate)
-        elif num_prefix_tokens and scratch_in_place():
-            activated = _gelu_of_patch_tokens(tokens, num_prefix_tokens, self.activation.approximate)
-        else:
-            activated = self.activation(tokens[:, num_prefix_tokens:])
-        # A (B, H, W, C) view permuted to NCHW is channels-last, so BatchNorm and the oneDNN depth-wise conv
-        # run channels-last without a copy.
-        grid = activated.reshape(batch_size, height, width, channels).permute(0, 3, 1, 2)
-        return self._grid_forward(grid)
-
-    def _recompute_contexts(self):
-        """Checkpoint contexts: the first forward runs as is; the recomputation must not move BatchNorm statistics."""
-        return contextlib.nullcontext(), self._batch_norm_statistics_frozen()
-
-    @contextlib.contextmanager
-    def _batch_norm_statistics_frozen(self):
-        # Momentum 0 keeps the running statistics exactly (running * 1 + batch * 0); the batch counter is restored.
-        norms = [branch.norm for branch in self.branches]
-        saved = [(norm.momentum, norm.num_batches_tracked.clone()) for norm in norms]
-        for norm in norms:
-            norm.momentum = 0.0
-        try:
-            yield
-        finally:
-            for norm, (momentum, batches) in zip(norms, saved):
-                norm.momentum = momentum
-                norm.num_batches_tracked.copy_(batches)
-
-    def _grid_forward(self, grid: torch.Tensor) -> torch.Tensor:
-        """The summed branches on an activated `(B, C, H, W)` grid."""
-        # Without autograd the activated grid and the conv outputs are scratch, so work happens in place: on the
-        # CPU every full-size buffer avoided is also a round of page faults avoided.
-        in_place = scratch_in_place()
-        if self.fused_weight is not None and not self.training:
-            channels, height, width = grid.shape[1:]
-            kernel = self.fused_weight.shape[-1]
-            output = F.conv2d(grid, self.fused_weight, None, padding=kernel // 2, groups=channels)
-            bias_map = self._bias_map(height, width, output.dtype)
-            return output.add_(bias_map) if in_place else output + bias_map
-        if in_place and not any(branch.norm.training or branch.norm.running_mean is None for branch in self.branches):
-            return self._branches_in_place(grid)
-        output = self.branches[0](grid)
-        for branch in self.branches[1:]:
-            output = output + branch(grid)
-        return output
-
-    def _branches_in_place(self, grid: torch.Tensor) -> torch.Tensor:
-        """Inference with running statistics: each BatchNorm is a per-channel affine map, and the last branch
-        applies it to `grid` in place instead of allocating its normalised copy."""
-        output = None
-        for index, branch in enumerate(self.branches):
-            scale, shift = _batch_norm_as_affine(branch.norm, branch.norm.running_var.dtype)
-            last = index == len(self.branches) - 1
-            normalised = torch.addcmul(
-                shift.view(1, -1, 1, 1), grid, scale.view(1, -1, 1, 1), out=grid if last else None
-            )
-            branch_output = branch.conv(normalised)
-            output = branch_output if output is None else output.add_(branch_output)
-        return output
+@contextlib.contextmanager
+def _running_statistics_frozen(norms):
+    # Momentum 0 keeps running statistics exactly (running * 1 + batch * 0); the batch counter is restored.
+    # A norm without a momentum (DETR's frozen BatchNorm) has no statistics to move.
+    norms = [norm for norm in norms if hasattr(norm, "momentum")]
+    saved = [(norm.momentum, getattr(norm, "num_batches_tracked", None)) for norm in norms]
+    saved = [(momentum, None if counter is None else counter.clone()) for momentum, counter in saved]
+    for norm in norms:
+        norm.momentum = 0.0
+    try:
+        yield
+    finally:
+        for norm, (momentum, counter) in zip(norms, saved):
+            norm.momentum = momentum
+            if counter is not None:
+                norm.num_batches_tracked.copy_(counter)
 
 
-def _gelu_of_patch_tokens(tokens: torch.Tensor, num_prefix_tokens: int, approximate: str) -> torch.Tensor:
-    """GELU of `tokens[:, num_prefix_tokens:]` as a new dense tensor. Gathering the strided slice into a copy and
-    applying GELU in place there is faster than GELU on the strided slice, which misses the vectorized loop."""
-    patch_tokens = tokens[:, num_prefix_tokens:].clone(memory_format=torch.contiguous_format)
-    return torch.ops.aten.gelu_(patch_tokens, approximate=approximate)
-
-
-class _PatchTokenGELU(torch.autograd.Function):
-    """GELU of the patch tokens, `tokens[:, num_prefix_tokens:]`, as a dense tensor.
-
-    Autograd's slice would give `tokens` a gradient by zero-filling a full-size tensor and copying the patch
-    gradient into it; this backward writes the GELU gradient straight into the patch rows of one fresh tensor
-    and zeroes only the prefix rows.
-    """
-
-    @staticmethod
-    def forward(ctx, tokens: torch.Tensor, num_prefix_tokens: int, approximate: str) -> torch.Tensor:
-        ctx.save_for_backward(tokens)
-        ctx.num_prefix_tokens, ctx.approximate = num_prefix_tokens, approximate
-        return _gelu_of_patch_tokens(tokens, num_prefix_tokens, approximate)
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
-        (tokens,) = ctx.saved_tensors
-        prefix = ctx.num_prefix_tokens
-        grad_tokens = torch.empty_like(tokens, memory_format=torch.contiguous_format)
-        grad_tokens[:, :prefix].zero_()
-        torch.ops.aten.gelu_backward.grad_input(
-            grad_output, tokens[:, prefix:], approximate=ctx.approximate, grad_input=grad_tokens[:, prefix:]
+def _norm_as_affine(norm: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(scale, shift)` per channel such that `norm(x) == x * scale + shift` with running statistics, in `dtype`."""
+    running_mean, running_var = getattr(norm, "running_mean", None), getattr(norm, "running_var", None)
+    if running_mean is None or running_var is None:
+        raise TypeError(
+            f"Cannot fuse a depth-wise shortcut whose norm is {type(norm).__name__}: fusion folds a BatchNorm's "
+            f"running statistics (running_mean, running_var) into the conv. Run this shortcut unfused."
         )
-        return grad_tokens, None, None
+    scale = torch.rsqrt(running_var.to(dtype) + getattr(norm, "eps", 1e-5))
+    if getattr(norm, "weight", None) is not None:
+        scale = scale * norm.weight.to(dtype)
+    shift = -running_mean.to(dtype) * scale
+    if getattr(norm, "bias", None) is not None:
+        shift = shift + norm.bias.to(dtype)
+    return scale, shift
 
 
-class _AddToPatchTokens(torch.autograd.Function):
-    """`block_output` with `patch_update` added to its patch tokens, in one pass over the sequence.
-
-    Zero-padding the update and adding would fill and copy a full-size tensor first; in-place slice assignment
-    would make backward clone the whole gradient. The update's gradient is made dense here because the
-    depth-wise conv's backward is markedly slower on a strided gradient.
-    """
-
-    @staticmethod
-    def forward(ctx, block_output: torch.Tensor, patch_update: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
-        ctx.num_prefix_tokens = num_prefix_tokens
-        output = torch.empty_like(block_output, memory_format=torch.contiguous_format)
-        output[:, :num_prefix_tokens] = block_output[:, :num_prefix_tokens]
-        torch.add(block_output[:, num_prefix_tokens:], patch_update, out=output[:, num_prefix_tokens:])
-        return output
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
-        return grad_output, grad_output[:, ctx.num_prefix_tokens :].contiguous(), None
+def depthwise_shortcuts(config, channels: int, num_groups: int) -> nn.ModuleList | None:
+    """One shortcut per block group as `config`'s `dw_*` fields describe it; `None` when the shortcut is off."""
+    if not config.use_dw_shortcut:
+        return None
+    return nn.ModuleList(
+        DepthwiseShortcut(channels, config.dw_kernel_sizes, config.dw_batch_norm_eps) for _ in range(num_groups)
+    )
 
 
 def add_shortcut(block_output: torch.Tensor, shortcut_output: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
-    """Add the shortcut to the patch tokens of `block_output`; prefix (class) tokens receive zeros.
+    """Add the shortcut to the patch tokens of `block_output`; prefix (class) tokens receive zeros."""
+    if num_prefix_tokens:
+        shortcut_output = F.pad(shortcut_output, (0, 0, num_prefix_tokens, 0))
+    return block_output + shortcut_output
 
-    Without autograd (inference) `block_output`, a fresh tensor made by the block, is updated in place.
+
+def init_shortcut_weights(module: nn.Module, dw_init: str) -> bool:
+    """Initialise `module` if it is a leaf of a depth-wise shortcut (its BatchNorm or depth-wise conv); returns
+    whether it was one.
+
+    `from_pretrained` initialises only the leaf modules that own missing weights (a checkpoint saved without the
+    shortcut, with other kernels or another span), so each leaf is handled here rather than through its parent.
+    The `init` helpers leave loaded tensors alone. `dw_init="zeros"` makes the shortcut add exactly nothing.
     """
-    if num_prefix_tokens == 0:
-        return block_output + shortcut_output
-    if scratch_in_place():
-        block_output[:, num_prefix_tokens:] += shortcut_output
-        return block_output
-    if _capturing() or block_output.dtype != shortcut_output.dtype:
-        return block_output + F.pad(shortcut_output, (0, 0, num_prefix_tokens, 0))
-    return _AddToPatchTokens.apply(block_output, shortcut_output, num_prefix_tokens)
+    if isinstance(module, nn.BatchNorm2d):
+        init.ones_(module.weight)
+        init.zeros_(module.bias)
+        init.zeros_(module.running_mean)
+        init.ones_(module.running_var)
+        init.zeros_(module.num_batches_tracked)
+        return True
+    if isinstance(module, nn.Conv2d) and module.groups > 1:
+        if dw_init == "zeros":
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
+        else:
+            # The paper keeps PyTorch's default for this conv (`Conv2d.reset_parameters`), written with the
+            # loading-aware helpers: Kaiming-uniform weight, bias uniform within 1 / sqrt(fan_in).
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            bound = 1 / math.sqrt(module.weight[0].numel())
+            init.uniform_(module.bias, -bound, bound)
+        return True
+    return False
 
 
-def add_residual(branch_output: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """`residual + branch_output`. Without autograd the sum is written into `branch_output`, a fresh tensor made
-    by the branch, which saves allocating (and on the CPU page-faulting in) a new full-size buffer per block."""
-    # Same shape and dtype, or the in-place sum would differ from the promoted one (e.g. bf16 branches under autocast).
-    if scratch_in_place() and branch_output.shape == residual.shape and branch_output.dtype == residual.dtype:
-        return branch_output.add_(residual)
-    return residual + branch_output
-
-
-def apply_activation(activation_fn: nn.Module, hidden_states: torch.Tensor, exact_gelu: bool) -> torch.Tensor:
-    """`activation_fn(hidden_states)`; the exact GELU runs in place when no autograd graph is recorded (the input,
-    a linear layer's fresh output, is scratch then), so the block's widest buffer is not allocated twice."""
-    if exact_gelu and scratch_in_place():
-        return torch.ops.aten.gelu_(hidden_states)
-    return activation_fn(hidden_states)
+def interpolate_grid_positions(positions: torch.Tensor, trained_grid, grid_size) -> torch.Tensor:
+    """Resize `(1, H*W, C)` position embeddings of the trained `H x W` patch grid bicubically to `grid_size`."""
+    if tuple(grid_size) == tuple(trained_grid) and not torch.jit.is_tracing():
+        return positions
+    dim = positions.shape[-1]
+    positions = positions.reshape(1, trained_grid[0], trained_grid[1], dim).permute(0, 3, 1, 2)
+    positions = F.interpolate(positions, size=tuple(grid_size), mode="bicubic", align_corners=False)
+    return positions.permute(0, 2, 3, 1).reshape(1, -1, dim)
 
 
 class DropPath(nn.Module):
@@ -373,9 +325,9 @@ def image_classification_loss(logits: torch.Tensor, labels: torch.Tensor, config
 class DepthwiseFusionMixin:
     """Re-parameterized inference for every family: `fuse_dw_shortcuts()` / `unfuse_dw_shortcuts()`.
 
-    Fusion needs eval mode (it reads BatchNorm running statistics) and is undone by `model.train()`. The fused
-    tensors are non-persistent buffers: `save_pretrained` after fusion writes the ordinary unfused weights, and
-    a reloaded model is unfused until `fuse_dw_shortcuts()` is called again.
+    Fusion needs eval mode (it reads BatchNorm running statistics) and is undone by `model.train()` and by
+    `load_state_dict`. The fused tensors are non-persistent buffers: `save_pretrained` after fusion writes the
+    ordinary unfused weights, and a reloaded model is unfused until `fuse_dw_shortcuts()` is called again.
     """
 
     def fuse_dw_shortcuts(self):

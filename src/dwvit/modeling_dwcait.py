@@ -6,19 +6,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
+from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling, ImageClassifierOutput
 
 from .configuration_dwcait import DWCaiTConfig
 from .dw_layers import (
-    DepthwiseShortcut,
     DropPath,
     RemoteCodeSaveMixin,
-    add_residual,
     add_shortcut,
-    apply_activation,
     block_groups,
+    depthwise_shortcuts,
     image_classification_loss,
+    init_shortcut_weights,
+    interpolate_grid_positions,
 )
 from .modeling_dwvit import DWViTPatchEmbeddings
 
@@ -42,13 +43,7 @@ class DWCaiTEmbeddings(nn.Module):
 
     def interpolate_pos_encoding(self, grid_size: tuple[int, int]) -> torch.Tensor:
         """Resize the position embeddings bicubically from the trained patch grid to `grid_size`."""
-        trained_grid = self.patch_embeddings.grid_size
-        if tuple(grid_size) == trained_grid and not torch.jit.is_tracing():
-            return self.position_embeddings
-        dim = self.position_embeddings.shape[-1]
-        positions = self.position_embeddings.reshape(1, trained_grid[0], trained_grid[1], dim).permute(0, 3, 1, 2)
-        positions = F.interpolate(positions, size=tuple(grid_size), mode="bicubic", align_corners=False)
-        return positions.permute(0, 2, 3, 1).reshape(1, -1, dim)
+        return interpolate_grid_positions(self.position_embeddings, self.patch_embeddings.grid_size, grid_size)
 
     def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False):
         embeddings, grid_size = self.patch_embeddings(pixel_values, interpolate_pos_encoding)
@@ -168,12 +163,11 @@ class DWCaiTMLP(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.activation_fn = ACT2FN[config.hidden_act]
-        self.exact_gelu = config.hidden_act == "gelu"
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states = apply_activation(self.activation_fn, self.fc1(hidden_states), self.exact_gelu)
+        hidden_states = self.activation_fn(self.fc1(hidden_states))
         return self.dropout(self.fc2(hidden_states))
 
 
@@ -207,10 +201,8 @@ class DWCaiTLayer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False):
         attention_output, attn_weights = self.attention(self.layernorm_before(hidden_states), output_attentions)
-        hidden_states = add_residual(self.drop_path(self.layer_scale1(attention_output)), hidden_states)
-        hidden_states = add_residual(
-            self.drop_path(self.layer_scale2(self.mlp(self.layernorm_after(hidden_states)))), hidden_states
-        )
+        hidden_states = self.drop_path(self.layer_scale1(attention_output)) + hidden_states
+        hidden_states = self.drop_path(self.layer_scale2(self.mlp(self.layernorm_after(hidden_states)))) + hidden_states
         return hidden_states, attn_weights
 
 
@@ -252,13 +244,7 @@ class DWCaiTEncoder(nn.Module):
         # CaiT keeps the stochastic depth rate constant over the patch blocks.
         self.layers = nn.ModuleList(DWCaiTLayer(config, config.drop_path_rate) for _ in range(config.num_hidden_layers))
         self.groups = block_groups(config.num_hidden_layers, config.dw_block_span)
-        if config.use_dw_shortcut:
-            self.shortcuts = nn.ModuleList(
-                DepthwiseShortcut(config.hidden_size, config.dw_kernel_sizes, config.dw_batch_norm_eps)
-                for _ in self.groups
-            )
-        else:
-            self.shortcuts = None
+        self.shortcuts = depthwise_shortcuts(config, config.hidden_size, len(self.groups))
         self.class_attention_layers = nn.ModuleList(
             DWCaiTClassAttentionLayer(config) for _ in range(config.num_class_attention_layers)
         )
@@ -319,30 +305,30 @@ class DWCaiTPreTrainedModel(RemoteCodeSaveMixin, PreTrainedModel):
     _no_split_modules = ["DWCaiTEmbeddings", "DWCaiTLayer", "DWCaiTClassAttentionLayer"]
     _supports_sdpa = True
 
-    @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
-        if isinstance(module, DepthwiseShortcut):
-            for branch in module.branches:
-                # The paper keeps PyTorch's default (Kaiming-uniform) initialisation for the depth-wise conv.
-                branch.conv.reset_parameters()
-                branch.norm.reset_parameters()
-        elif isinstance(module, nn.Conv2d) and module.groups > 1:
+        if init_shortcut_weights(module, self.config.dw_init):
             return
-        elif isinstance(module, (nn.Linear, nn.Conv2d)):
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
             # Talking-heads mixings included, as CaiT initialises them.
-            nn.init.trunc_normal_(module.weight, mean=0.0, std=std)
+            init.trunc_normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
-                nn.init.zeros_(module.bias)
+                init.zeros_(module.bias)
         elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
         elif isinstance(module, DWCaiTLayerScale):
-            nn.init.constant_(module.lambda1, self.config.layer_scale_init_value)
+            init.constant_(module.lambda1, self.config.layer_scale_init_value)
         elif isinstance(module, DWCaiTEmbeddings):
-            nn.init.trunc_normal_(module.cls_token, mean=0.0, std=std)
+            init.trunc_normal_(module.cls_token, mean=0.0, std=std)
             if module.position_embeddings is not None:
-                nn.init.trunc_normal_(module.position_embeddings, mean=0.0, std=std)
+                init.trunc_normal_(module.position_embeddings, mean=0.0, std=std)
+
+    def no_weight_decay(self) -> set[str]:
+        """Full names of the parameters weight decay must skip (timm's convention): the class token and the position
+        embeddings. Optimizer groups usually exempt every 1-D parameter (norm scales, biases) on top."""
+        suffixes = ("embeddings.cls_token", "embeddings.position_embeddings")
+        return {name for name, _ in self.named_parameters() if name.endswith(suffixes)}
 
 
 class DWCaiTModel(DWCaiTPreTrainedModel):

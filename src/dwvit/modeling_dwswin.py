@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import BackboneMixin, PreTrainedModel
+from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BackboneOutput
 from transformers.utils import ModelOutput
@@ -15,15 +16,15 @@ from transformers.utils import ModelOutput
 from .configuration_dwswin import DWSwinConfig
 from .configuration_dwvit import to_pair
 from .dw_layers import (
-    DepthwiseShortcut,
     DropPath,
     RemoteCodeSaveMixin,
-    add_residual,
     add_shortcut,
-    apply_activation,
     block_groups,
+    depthwise_shortcuts,
     drop_path_rates,
     image_classification_loss,
+    init_shortcut_weights,
+    interpolate_grid_positions,
 )
 
 
@@ -131,13 +132,7 @@ class DWSwinEmbeddings(nn.Module):
 
     def interpolate_pos_encoding(self, grid_size: tuple[int, int]) -> torch.Tensor:
         """Resize the position embeddings bicubically from the trained patch grid to `grid_size`."""
-        trained_grid = self.patch_embeddings.grid_size
-        if tuple(grid_size) == trained_grid and not torch.jit.is_tracing():
-            return self.position_embeddings
-        dim = self.position_embeddings.shape[-1]
-        positions = self.position_embeddings.reshape(1, trained_grid[0], trained_grid[1], dim).permute(0, 3, 1, 2)
-        positions = F.interpolate(positions, size=tuple(grid_size), mode="bicubic", align_corners=False)
-        return positions.permute(0, 2, 3, 1).reshape(1, -1, dim)
+        return interpolate_grid_positions(self.position_embeddings, self.patch_embeddings.grid_size, grid_size)
 
     def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False):
         if pixel_values.ndim != 4:
@@ -263,12 +258,11 @@ class DWSwinMLP(nn.Module):
         hidden = int(config.mlp_ratio * dim)
         self.fc1 = nn.Linear(dim, hidden)
         self.activation_fn = ACT2FN[config.hidden_act]
-        self.exact_gelu = config.hidden_act == "gelu"
         self.fc2 = nn.Linear(hidden, dim)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states = apply_activation(self.activation_fn, self.fc1(hidden_states), self.exact_gelu)
+        hidden_states = self.activation_fn(self.fc1(hidden_states))
         return self.dropout(self.fc2(hidden_states))
 
 
@@ -329,8 +323,8 @@ class DWSwinLayer(nn.Module):
             grid = torch.roll(grid, shifts=(shift_size, shift_size), dims=(1, 2))
         attention_output = grid[:, :height, :width].reshape(batch_size, height * width, channels)
 
-        hidden_states = add_residual(self.drop_path(self.attention_dropout(attention_output)), hidden_states)
-        hidden_states = add_residual(self.drop_path(self.mlp(self.layernorm_after(hidden_states))), hidden_states)
+        hidden_states = self.drop_path(self.attention_dropout(attention_output)) + hidden_states
+        hidden_states = self.drop_path(self.mlp(self.layernorm_after(hidden_states))) + hidden_states
         return hidden_states, attn_weights
 
 
@@ -355,12 +349,7 @@ class DWSwinStage(nn.Module):
             for index in range(depth)
         )
         self.groups = block_groups(depth, config.dw_block_span)
-        if config.use_dw_shortcut:
-            self.shortcuts = nn.ModuleList(
-                DepthwiseShortcut(dim, config.dw_kernel_sizes, config.dw_batch_norm_eps) for _ in self.groups
-            )
-        else:
-            self.shortcuts = None
+        self.shortcuts = depthwise_shortcuts(config, dim, len(self.groups))
         self.downsample = DWSwinPatchMerging(dim, config.layer_norm_eps) if downsample else None
         self.gradient_checkpointing = False
 
@@ -465,27 +454,30 @@ class DWSwinPreTrainedModel(RemoteCodeSaveMixin, PreTrainedModel):
     _no_split_modules = ["DWSwinStage"]
     _supports_sdpa = True
 
-    @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
-        if isinstance(module, DepthwiseShortcut):
-            for branch in module.branches:
-                # The paper keeps PyTorch's default (Kaiming-uniform) initialisation for the depth-wise conv.
-                branch.conv.reset_parameters()
-                branch.norm.reset_parameters()
-        elif isinstance(module, (nn.Linear, nn.Conv2d)) and not (isinstance(module, nn.Conv2d) and module.groups > 1):
-            nn.init.trunc_normal_(module.weight, mean=0.0, std=std)
+        if init_shortcut_weights(module, self.config.dw_init):
+            return
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            init.trunc_normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
-                nn.init.zeros_(module.bias)
+                init.zeros_(module.bias)
         elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
         elif isinstance(module, DWSwinAttention):
-            nn.init.trunc_normal_(module.relative_position_bias_table, mean=0.0, std=std)
+            init.trunc_normal_(module.relative_position_bias_table, mean=0.0, std=std)
             # A non-persistent buffer is not restored by loading: rebuild it in case the model was made on meta.
-            module.relative_position_index.copy_(module.build_relative_position_index())
+            init.copy_(module.relative_position_index, module.build_relative_position_index())
         elif isinstance(module, DWSwinEmbeddings) and module.position_embeddings is not None:
-            nn.init.trunc_normal_(module.position_embeddings, mean=0.0, std=std)
+            init.trunc_normal_(module.position_embeddings, mean=0.0, std=std)
+
+    def no_weight_decay(self) -> set[str]:
+        """Full names of the parameters weight decay must skip (timm's convention): every relative position bias
+        table and the absolute position embeddings, if any. Optimizer groups usually exempt every 1-D parameter
+        (norm scales, biases) on top."""
+        suffixes = ("relative_position_bias_table", "embeddings.position_embeddings")
+        return {name for name, _ in self.named_parameters() if name.endswith(suffixes)}
 
 
 class DWSwinModel(DWSwinPreTrainedModel):

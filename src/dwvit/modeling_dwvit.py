@@ -6,20 +6,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
+from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling, ImageClassifierOutput
 
 from .configuration_dwvit import DWViTConfig, to_pair
 from .dw_layers import (
-    DepthwiseShortcut,
     DropPath,
     RemoteCodeSaveMixin,
-    add_residual,
     add_shortcut,
-    apply_activation,
     block_groups,
+    depthwise_shortcuts,
     drop_path_rates,
     image_classification_loss,
+    init_shortcut_weights,
+    interpolate_grid_positions,
 )
 
 
@@ -77,16 +78,10 @@ class DWViTEmbeddings(nn.Module):
 
     def interpolate_pos_encoding(self, grid_size: tuple[int, int]) -> torch.Tensor:
         """Resize the patch position embeddings bicubically to `grid_size`; the class position is kept."""
-        trained_grid = self.patch_embeddings.grid_size
-        if tuple(grid_size) == trained_grid and not torch.jit.is_tracing():
-            return self.position_embeddings
-        class_position = self.position_embeddings[:, :1]
-        patch_positions = self.position_embeddings[:, 1:]
-        dim = patch_positions.shape[-1]
-        patch_positions = patch_positions.reshape(1, trained_grid[0], trained_grid[1], dim).permute(0, 3, 1, 2)
-        patch_positions = F.interpolate(patch_positions, size=tuple(grid_size), mode="bicubic", align_corners=False)
-        patch_positions = patch_positions.permute(0, 2, 3, 1).reshape(1, -1, dim)
-        return torch.cat((class_position, patch_positions), dim=1)
+        patch_positions = interpolate_grid_positions(
+            self.position_embeddings[:, 1:], self.patch_embeddings.grid_size, grid_size
+        )
+        return torch.cat((self.position_embeddings[:, :1], patch_positions), dim=1)
 
     def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False):
         embeddings, grid_size = self.patch_embeddings(pixel_values, interpolate_pos_encoding)
@@ -141,12 +136,11 @@ class DWViTMLP(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.activation_fn = ACT2FN[config.hidden_act]
-        self.exact_gelu = config.hidden_act == "gelu"
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states = apply_activation(self.activation_fn, self.fc1(hidden_states), self.exact_gelu)
+        hidden_states = self.activation_fn(self.fc1(hidden_states))
         return self.dropout(self.fc2(hidden_states))
 
 
@@ -164,8 +158,8 @@ class DWViTLayer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False):
         attention_output, attn_weights = self.attention(self.layernorm_before(hidden_states), output_attentions)
-        hidden_states = add_residual(self.drop_path(self.attention_dropout(attention_output)), hidden_states)
-        hidden_states = add_residual(self.drop_path(self.mlp(self.layernorm_after(hidden_states))), hidden_states)
+        hidden_states = self.drop_path(self.attention_dropout(attention_output)) + hidden_states
+        hidden_states = self.drop_path(self.mlp(self.layernorm_after(hidden_states))) + hidden_states
         return hidden_states, attn_weights
 
 
@@ -181,13 +175,7 @@ class DWViTEncoder(nn.Module):
         rates = drop_path_rates(config.drop_path_rate, config.num_hidden_layers)
         self.layers = nn.ModuleList(DWViTLayer(config, rate) for rate in rates)
         self.groups = block_groups(config.num_hidden_layers, config.dw_block_span)
-        if config.use_dw_shortcut:
-            self.shortcuts = nn.ModuleList(
-                DepthwiseShortcut(config.hidden_size, config.dw_kernel_sizes, config.dw_batch_norm_eps)
-                for _ in self.groups
-            )
-        else:
-            self.shortcuts = None
+        self.shortcuts = depthwise_shortcuts(config, config.hidden_size, len(self.groups))
         self.gradient_checkpointing = False
 
     def forward(
@@ -236,29 +224,27 @@ class DWViTPreTrainedModel(RemoteCodeSaveMixin, PreTrainedModel):
     _no_split_modules = ["DWViTEmbeddings", "DWViTLayer"]
     _supports_sdpa = True
 
-    @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
-        if isinstance(module, DepthwiseShortcut):
-            for branch in module.branches:
-                # The paper keeps PyTorch's default (Kaiming-uniform) initialisation for the depth-wise conv.
-                branch.conv.reset_parameters()
-                branch.norm.reset_parameters()
-        elif isinstance(module, (nn.Linear, nn.Conv2d)) and not _is_depthwise(module):
-            nn.init.trunc_normal_(module.weight, mean=0.0, std=std)
+        if init_shortcut_weights(module, self.config.dw_init):
+            return
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            init.trunc_normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
-                nn.init.zeros_(module.bias)
+                init.zeros_(module.bias)
         elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
         elif isinstance(module, DWViTEmbeddings):
-            nn.init.trunc_normal_(module.cls_token, mean=0.0, std=std)
+            init.trunc_normal_(module.cls_token, mean=0.0, std=std)
             if module.position_embeddings is not None:
-                nn.init.trunc_normal_(module.position_embeddings, mean=0.0, std=std)
+                init.trunc_normal_(module.position_embeddings, mean=0.0, std=std)
 
-
-def _is_depthwise(module: nn.Module) -> bool:
-    return isinstance(module, nn.Conv2d) and module.groups > 1
+    def no_weight_decay(self) -> set[str]:
+        """Full names of the parameters weight decay must skip (timm's convention): the class token and the position
+        embeddings. Optimizer groups usually exempt every 1-D parameter (norm scales, biases) on top."""
+        suffixes = ("embeddings.cls_token", "embeddings.position_embeddings")
+        return {name for name, _ in self.named_parameters() if name.endswith(suffixes)}
 
 
 class DWViTModel(DWViTPreTrainedModel):

@@ -1,0 +1,73 @@
+#!/usr/bin/env python
+"""Draw top-1 accuracy against training minutes and against epochs for every run of a study, from its results.
+
+    python studies/plot_curves.py cifar10-hour            # -> docs/curves_cifar10-hour.png
+    python studies/plot_curves.py tiny-imagenet variants
+
+Reads `studies/results/<study>/*.json` (written by `run_study.py`, one per finished run): each evaluation's
+`eval_accuracy` with its `train_minutes` and `epoch`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_results(study: str, results_root: Path = REPO_ROOT / "studies" / "results") -> list[dict]:
+    folder = Path(results_root) / study
+    results = [json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))]
+    if not results:
+        raise SystemExit(f"No results in {folder}; run `python studies/run_study.py studies/<file>.yaml` first.")
+    return results
+
+
+def plot_study(study: str, output: Path, results_root: Path = REPO_ROOT / "studies" / "results") -> Path:
+    results = load_results(study, results_root)
+    figure, (by_time, by_epoch) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for result in results:
+        evaluations = [e for e in result["evaluations"] if "train_minutes" in e]
+        if not evaluations:
+            continue
+        label = f"{result['name']} ({100 * result['final']['eval_accuracy']:.1f}%)"
+        style = "-" if "plain" not in result["name"] else "--"
+        accuracy = [100 * e["eval_accuracy"] for e in evaluations]
+        by_time.plot([e["train_minutes"] for e in evaluations], accuracy, style, marker="o", markersize=3, label=label)
+        by_epoch.plot([e["epoch"] for e in evaluations], accuracy, style, marker="o", markersize=3, label=label)
+    by_time.set_xlabel("training minutes (2 CPU cores, evaluations included)")
+    by_epoch.set_xlabel("epochs")
+    by_time.set_ylabel("top-1 accuracy (%)")
+    for axis in (by_time, by_epoch):
+        axis.grid(alpha=0.3)
+    by_epoch.legend(fontsize=8, loc="lower right")
+    figure.suptitle(f"{study}: top-1 on the full evaluation split")
+    figure.tight_layout()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    temporary = output.with_name(output.stem + ".tmp.png")
+    figure.savefig(temporary, dpi=110)
+    plt.close(figure)
+    os.replace(temporary, output)
+    return output
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("studies", nargs="+", help="Study names (folders of studies/results).")
+    parser.add_argument("--output_dir", default=str(REPO_ROOT / "docs"))
+    parser.add_argument("--results_root", default=str(REPO_ROOT / "studies" / "results"))
+    args = parser.parse_args()
+    for study in args.studies:
+        print(plot_study(study, Path(args.output_dir) / f"curves_{study}.png", Path(args.results_root)))
+
+
+if __name__ == "__main__":
+    main()

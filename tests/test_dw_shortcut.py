@@ -1,0 +1,239 @@
+"""The depth-wise shortcut across the families: initialisation of weights a checkpoint lacks, `dw_init`,
+`no_weight_decay`, function transforms and double backward, and foreign modules in the norm slot."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForImageClassification
+
+from dwvit import DWCaiTForImageClassification, DWSwinBackbone, DWSwinForImageClassification, DWSwinModel
+from dwvit import DWViTForImageClassification, DepthwiseShortcut
+from dwvit.dw_layers import add_shortcut
+from conftest import hand_shortcut, randomise_shortcut_statistics
+from test_dwcait import small_config as cait_config
+from test_dwswin import small_config as swin_config
+from test_dwvit import small_config as vit_config
+
+FAMILIES = {
+    "vit": (DWViTForImageClassification, vit_config),
+    "cait": (DWCaiTForImageClassification, cait_config),
+    "swin": (DWSwinForImageClassification, swin_config),
+}
+
+# (fields the checkpoint is saved with, fields it is loaded with): each leaves some shortcut weights missing.
+SCENARIOS = {
+    "shortcut-added": (dict(use_dw_shortcut=False), dict(use_dw_shortcut=True)),
+    "kernel-added": (dict(dw_kernel_sizes=[3]), dict(dw_kernel_sizes=[3, 5])),
+    "span-shortened": (dict(dw_block_span=2), dict(dw_block_span=1)),
+}
+
+
+def assert_fresh_shortcut_tensor(name: str, tensor: torch.Tensor, kernel_size: int) -> None:
+    """What a fresh paper initialisation gives: BatchNorm at the identity, the conv within PyTorch's
+    Kaiming-uniform bound 1 / sqrt(fan_in) (fan_in = k * k for a depth-wise conv)."""
+    leaf = name.rsplit(".", 2)[-2:]
+    bound = 1 / math.sqrt(kernel_size * kernel_size)
+    if leaf[0] == "norm":
+        expected = {"weight": 1, "bias": 0, "running_mean": 0, "running_var": 1, "num_batches_tracked": 0}[leaf[1]]
+        assert torch.equal(tensor, torch.full_like(tensor, expected)), name
+    else:
+        assert torch.isfinite(tensor).all() and tensor.abs().max() <= bound + 1e-6, name
+        if leaf[1] == "weight":
+            # Uniform in [-bound, bound] has std bound / sqrt(3): far from a constant fill.
+            assert tensor.std() > 0.5 * bound / math.sqrt(3), name
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_shortcut_weights_missing_from_a_checkpoint_are_initialised(tmp_path, family, scenario):
+    model_class, make_config = FAMILIES[family]
+    saved_fields, loaded_fields = SCENARIOS[scenario]
+    torch.manual_seed(0)
+    saved = model_class(make_config(**saved_fields))
+    randomise_shortcut_statistics(saved, torch.Generator().manual_seed(1))
+    saved.save_pretrained(tmp_path)
+    saved_state = saved.state_dict()
+
+    loaded, info = AutoModelForImageClassification.from_pretrained(tmp_path, output_loading_info=True, **loaded_fields)
+    state = loaded.state_dict()
+    missing = set(info["missing_keys"])
+    assert missing and all(".shortcuts." in key for key in missing)
+    assert missing == set(state) - set(saved_state)
+    for name in missing:
+        kernel_size = loaded.get_submodule(name.rsplit(".", 2)[0]).conv.kernel_size[0]
+        assert_fresh_shortcut_tensor(name, state[name], kernel_size)
+    for name in set(state) & set(saved_state):  # loaded weights are not re-initialised
+        torch.testing.assert_close(state[name], saved_state[name], rtol=0, atol=0, msg=name)
+
+    loaded.eval()
+    with torch.no_grad():
+        assert torch.isfinite(loaded(torch.randn(2, 3, 32, 32)).logits).all()
+
+
+# ---------------------------------------------------------------------------------------------------- dw_init
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_dw_init_zeros_starts_as_the_model_without_shortcut(tmp_path, family):
+    model_class, make_config = FAMILIES[family]
+    torch.manual_seed(2)
+    zeros = model_class(make_config(dw_init="zeros", dw_kernel_sizes=[3, 5]))
+    convs = [branch.conv for m in zeros.modules() if isinstance(m, DepthwiseShortcut) for branch in m.branches]
+    assert convs and all(not conv.weight.any() and not conv.bias.any() for conv in convs)
+    plain = model_class(make_config(use_dw_shortcut=False))
+    missing, unexpected = plain.load_state_dict(zeros.state_dict(), strict=False)
+    assert not missing and unexpected and all(".shortcuts." in key for key in unexpected)
+
+    pixel_values = torch.randn(3, 3, 32, 32)
+    for training in (False, True):  # BatchNorm with running or batch statistics: the conv zeroes either
+        zeros.train(training), plain.train(training)
+        with torch.no_grad():
+            torch.testing.assert_close(zeros(pixel_values).logits, plain(pixel_values).logits, rtol=0, atol=0)
+
+    # Shortcuts added to a checkpoint that has none start as exactly nothing.
+    plain.save_pretrained(tmp_path)
+    added = AutoModelForImageClassification.from_pretrained(tmp_path, use_dw_shortcut=True, dw_init="zeros").eval()
+    plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(added(pixel_values).logits, plain(pixel_values).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_dw_init_rejects_unknown_values(family):
+    _, make_config = FAMILIES[family]
+    assert make_config().dw_init == "paper"
+    with pytest.raises(ValueError, match=r"dw_init must be one of 'paper', 'zeros'; got 'ones'"):
+        make_config(dw_init="ones")
+
+
+# ---------------------------------------------------------------------------------------------- no_weight_decay
+
+
+def test_no_weight_decay_names_position_embeddings_class_tokens_and_bias_tables():
+    swin_tables = {
+        f"dwswin.encoder.layers.{stage}.blocks.{block}.attention.relative_position_bias_table"
+        for stage in range(2)
+        for block in range(2)
+    }
+    vit_names = {"dwvit.embeddings.cls_token", "dwvit.embeddings.position_embeddings"}
+    cases = [
+        (DWViTForImageClassification(vit_config()), vit_names),
+        (DWViTForImageClassification(vit_config(use_position_embeddings=False)), {"dwvit.embeddings.cls_token"}),
+        (DWCaiTForImageClassification(cait_config()), {name.replace("dwvit", "dwcait") for name in vit_names}),
+        (DWSwinForImageClassification(swin_config()), swin_tables),
+        (
+            DWSwinForImageClassification(swin_config(use_absolute_embeddings=True)),
+            swin_tables | {"dwswin.embeddings.position_embeddings"},
+        ),
+        (DWSwinBackbone(swin_config(out_features=["stage1"])), swin_tables),
+        (DWSwinModel(swin_config()), {name.removeprefix("dwswin.") for name in swin_tables}),
+    ]
+    for model, expected in cases:
+        names = model.no_weight_decay()
+        assert names == expected, type(model).__name__
+        assert names <= dict(model.named_parameters()).keys()
+
+
+# ------------------------------------------------------------------------------- function transforms, double backward
+
+
+def make_shortcut(training: bool) -> DepthwiseShortcut:
+    torch.manual_seed(20)
+    shortcut = DepthwiseShortcut(6, [3, 5]).train(training)
+    randomise_shortcut_statistics(shortcut, torch.Generator().manual_seed(21))
+    return shortcut
+
+
+def test_torch_func_grad_through_the_shortcut_matches_autograd_of_the_hand_computation():
+    shortcut = make_shortcut(training=False)
+    branches = [(branch.norm, branch.conv) for branch in shortcut.branches]
+    parameters = {name: p.detach() for name, p in shortcut.named_parameters()}
+    buffers = dict(shortcut.named_buffers())
+    tokens = torch.randn(2, 1 + 12, 6)
+    block_output = torch.randn(2, 1 + 12, 6)
+
+    def loss(parameters, tokens):
+        shortcut_output = torch.func.functional_call(shortcut, (parameters, buffers), (tokens, 3, 4, 1))
+        return add_shortcut(block_output, shortcut_output, 1).pow(2).sum()
+
+    grads, token_grad = torch.func.grad(loss, argnums=(0, 1))(parameters, tokens)
+
+    tokens.requires_grad_()
+    expected = (block_output + hand_shortcut(tokens, (3, 4), branches, False, num_prefix_tokens=1)).pow(2).sum()
+    expected_grads = torch.autograd.grad(expected, [tokens, *shortcut.parameters()])
+    torch.testing.assert_close(token_grad, expected_grads[0], atol=1e-5, rtol=1e-5)
+    for (name, _), want in zip(shortcut.named_parameters(), expected_grads[1:]):
+        torch.testing.assert_close(grads[name], want, atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_double_backward_through_the_shortcut_matches_the_hand_computation(training):
+    """A gradient penalty: the gradient of the norm of the input gradient, with the class-token boundary."""
+    shortcut = make_shortcut(training)
+    branches = [(branch.norm, branch.conv) for branch in shortcut.branches]
+    tokens = torch.randn(2, 1 + 12, 6, requires_grad=True)
+    block_output = torch.randn(2, 1 + 12, 6)
+
+    def penalty_gradients(compute):
+        output = compute(tokens).pow(2).sum()
+        (token_grad,) = torch.autograd.grad(output, tokens, create_graph=True)
+        return torch.autograd.grad(token_grad.norm(), [tokens, *shortcut.parameters()])
+
+    actual = penalty_gradients(lambda t: add_shortcut(block_output, shortcut(t, 3, 4, 1), 1))
+    expected = penalty_gradients(lambda t: block_output + hand_shortcut(t, (3, 4), branches, training, 1))
+    assert actual[0].abs().sum() > 0
+    for got, want in zip(actual, expected):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------- the norm slot
+
+
+def test_detr_frozen_batch_norm_in_the_norm_slot_runs_trains_checkpoints_and_fuses():
+    """DETR replaces every BatchNorm2d of a backbone with `DetrFrozenBatchNorm2d` (no eps, no momentum)."""
+    from transformers.models.detr.modeling_detr import DetrFrozenBatchNorm2d, replace_batch_norm
+
+    torch.manual_seed(22)
+    model = DWSwinModel(swin_config(dw_kernel_sizes=[3, 5]))
+    randomise_shortcut_statistics(model, torch.Generator().manual_seed(23))
+    reference = copy.deepcopy(model).eval()
+    replace_batch_norm(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert sum(isinstance(m, DetrFrozenBatchNorm2d) for m in model.modules()) == 8
+    pixel_values = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = reference(pixel_values).last_hidden_state
+
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixel_values).last_hidden_state, expected, atol=1e-5, rtol=1e-5)
+
+    # In training the frozen norm still uses its fixed statistics; checkpointing must not look for a momentum.
+    model.train()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    assert model.encoder.layers[0].shortcuts[0].gradient_checkpointing
+    model(pixel_values).last_hidden_state.square().mean().backward()
+    conv_grad = model.encoder.layers[0].shortcuts[0].branches[1].conv.weight.grad
+    assert conv_grad is not None and torch.isfinite(conv_grad).all() and conv_grad.abs().sum() > 0
+
+    model.eval()
+    with torch.no_grad():
+        fused = model.fuse_dw_shortcuts()(pixel_values).last_hidden_state
+    assert model.dw_shortcuts_fused
+    torch.testing.assert_close(fused, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_fusion_refuses_a_norm_without_running_statistics_and_the_forward_still_runs():
+    shortcut = make_shortcut(training=False)
+    shortcut.branches[1].norm = torch.nn.GroupNorm(2, 6)
+    tokens = torch.randn(2, 12, 6)
+    with torch.no_grad():
+        expected = shortcut(tokens, 3, 4)
+        with pytest.raises(TypeError, match="norm is GroupNorm.*running statistics"):
+            shortcut.fuse()
+        assert not shortcut.is_fused
+        torch.testing.assert_close(shortcut(tokens, 3, 4), expected, rtol=0, atol=0)
