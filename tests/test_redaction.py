@@ -19,6 +19,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import hub_upload  # noqa: E402
 import run_image_classification as ric  # noqa: E402
+from dwvit.script_arguments import ImageClassificationTrainingArguments  # noqa: E402
 from dwvit.redaction import (  # noqa: E402
     REDACTED,
     file_token_shapes,
@@ -72,7 +73,7 @@ def test_argument_file_token_fields_are_redacted():
 
 
 def test_pickled_training_arguments_hold_no_token_but_the_live_ones_do(tmp_path):
-    args = ric.ImageClassificationTrainingArguments(output_dir=str(tmp_path), hub_token=HUB_TOKEN, report_to="none")
+    args = ImageClassificationTrainingArguments(output_dir=str(tmp_path), hub_token=HUB_TOKEN, report_to="none")
     blob = pickle.dumps(args)
     assert HUB_TOKEN.encode() not in blob
     assert pickle.loads(blob).hub_token is None and pickle.loads(blob).learning_rate == args.learning_rate
