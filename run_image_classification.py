@@ -54,7 +54,7 @@ from dwvit.script_arguments import (
     parse_args,
     resolve_mixed_precision,
 )
-from dwvit.trainer import DWTrainer
+from dwvit.trainer import DWTrainer, prepare_torch_compile
 from dwvit.training import (
     SetEpochCallback,
     TrainingClock,
@@ -267,6 +267,7 @@ def main(args: list[str] | None = None, callbacks: list | None = None) -> dict:
         data_args.label_smoothing,
     )
 
+    prepare_torch_compile(training_args)  # before the Trainer compiles the model
     trainer = DWTrainer(
         model=model,
         args=training_args,
