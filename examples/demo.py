@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The main job end to end, offline: train a small DW-ViT, evaluate it, save it, classify an image with the pipeline.
+"""Offline: the shipped CIFAR-10 model on real photos, then the main job end to end (train, evaluate, save, classify).
 
     python examples/demo.py                                  # scikit-learn's handwritten digits (no network)
     python examples/demo.py --dataset ../shared/data/cifar10 # any dataset folder (or Hub id) by path
@@ -18,13 +18,34 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 
+def show_shipped_model() -> None:
+    """The trained checkpoint in `checkpoints/dwvit-cifar10` on the real CIFAR-10 test images in `examples/cifar10`."""
+    from transformers import pipeline
+
+    import dwvit  # noqa: F401  (registers the classes; without it, pass trust_remote_code=True)
+
+    checkpoint = REPO_ROOT / "checkpoints" / "dwvit-cifar10"
+    images = sorted((REPO_ROOT / "examples" / "cifar10").glob("*.png"))
+    classifier = pipeline("image-classification", model=str(checkpoint), device="cpu")
+    print(f"pipeline('image-classification', model={str(checkpoint.relative_to(REPO_ROOT))!r}) on real CIFAR-10 "
+          f"test images ({checkpoint.name}/README.md has its accuracy and training command):")
+    for path, result in zip(images, classifier([str(path) for path in images], top_k=2)):
+        truth = path.stem.rsplit("_", 1)[0]
+        guesses = ", ".join(f"{guess['label']} {guess['score']:.2f}" for guess in result)
+        print(f"  {path.name:<22} true {truth:<11} predicted {guesses}")
+    print()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="digits", help="'digits' (default), a dataset folder, or a Hub id.")
     parser.add_argument("--output_dir", default=str(REPO_ROOT / "outputs" / "demo"))
     parser.add_argument("--epochs", default="10")
     parser.add_argument("--max_train_samples", default="2000")
+    parser.add_argument("--skip_shipped_model", action="store_true", help="Do not show the shipped CIFAR-10 model.")
     args = parser.parse_args()
+    if not args.skip_shipped_model:
+        show_shipped_model()
 
     import run_image_classification
 

@@ -25,7 +25,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def load_results(study: str, results_root: Path = REPO_ROOT / "studies" / "results") -> list[dict]:
     folder = Path(results_root) / study
-    results = [json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))]
+    # Other JSON files may sit beside the runs' results (e.g. ship_checkpoint.py's pipeline check).
+    results = [result for path in sorted(folder.glob("*.json")) if "evaluations" in (result := json.loads(path.read_text()))]
     if not results:
         raise SystemExit(f"No results in {folder}; run `python studies/run_study.py studies/<file>.yaml` first.")
     return results
@@ -35,7 +36,8 @@ def plot_study(study: str, output: Path, results_root: Path = REPO_ROOT / "studi
     results = load_results(study, results_root)
     figure, (by_time, by_epoch) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for result in results:
-        evaluations = [e for e in result["evaluations"] if "train_minutes" in e]
+        # The script's final evaluation repeats the last one of the training loop (same step): keep one per step.
+        evaluations = list({e["step"]: e for e in result["evaluations"] if "train_minutes" in e}.values())
         if not evaluations:
             continue
         label = f"{result['name']} ({100 * result['final']['eval_accuracy']:.1f}%)"

@@ -19,11 +19,11 @@ A study file names its runs; each run is a recipe (`recipes/cpu/*.yaml`) plus ex
         epochs_from: dw               # as many epochs as the dw run was planned for
 
 A run with `budget_minutes` is calibrated first: a short timed piece of the same command (40 optimizer steps and
-one evaluation) measures the step and evaluation times, and the number of epochs is set so that training with
-its evaluations fits in the budget; `--max_train_minutes` then stops it at the budget in any case. The plan is
-saved beside the run's checkpoints, so a resumed run keeps it. Runs live in `runs/<study>/<name>` (checkpoints,
-never committed; the job resumes from the newest complete one) and results in `studies/results/<study>/<name>.json`
-(written whole or not at all).
+one evaluation) measures the steady-state step time (after the piece's first quarter) and the evaluation time,
+and the number of epochs is set so that training with its evaluations fits in the budget; `--max_train_minutes`
+then stops it at the budget in any case. The plan is saved beside the run's checkpoints, so a resumed run keeps it.
+Runs live in `runs/<study>/<name>` (checkpoints, never committed; the job resumes from the newest complete one) and
+results in `studies/results/<study>/<name>.json` (written whole or not at all).
 """
 
 from __future__ import annotations
@@ -77,16 +77,27 @@ def calibrate(recipe: str, arguments: list[str], steps: int = CALIBRATION_STEPS)
         piece = arguments + [
             "--output_dir", folder, "--max_steps", str(steps), "--eval_strategy", "no",
             "--save_strategy", "no", "--report_to", "none", "--auto_resume", "false", "--do_train", "--do_eval",
-            "--max_train_minutes", "1000",
+            "--max_train_minutes", "1000", "--logging_steps", str(max(1, steps // 4)),
         ]
         subprocess.run(job_command(recipe, piece), check=True, cwd=REPO_ROOT)
         results = json.loads((Path(folder) / "all_results.json").read_text())
+        log_history = json.loads((Path(folder) / "trainer_state.json").read_text())["log_history"]
     return {
         "steps": steps,
-        "seconds_per_step": results["train_runtime"] / steps,
+        "seconds_per_step": steady_seconds_per_step(log_history, results["train_runtime"], steps),
         "seconds_per_evaluation": results["eval_runtime"],
         "train_samples": results["train_samples"],
     }
+
+
+def steady_seconds_per_step(log_history: list[dict], train_runtime: float, steps: int) -> float:
+    """Seconds per step between the first and the last timed training log, so the piece's first steps (data
+    loader start, first allocations) do not count; the whole piece's mean when fewer than two logs are timed."""
+    timed = [(entry["step"], entry["train_minutes"]) for entry in log_history if "loss" in entry and "train_minutes" in entry]
+    if len(timed) < 2 or timed[-1][0] == timed[0][0]:
+        return train_runtime / steps
+    (first_step, first_minutes), (last_step, last_minutes) = timed[0], timed[-1]
+    return 60.0 * (last_minutes - first_minutes) / (last_step - first_step)
 
 
 def plan_epochs(calibration: dict, batch_size: int, budget_minutes: float, evaluations_per_epoch: float = 1.0) -> float:

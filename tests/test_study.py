@@ -25,6 +25,18 @@ def test_plan_fits_the_budget():
     assert run_study.plan_epochs(calibration, 128, 60) == pytest.approx(16.9)
 
 
+def test_step_time_is_the_steady_state_one():
+    # Logged at steps 10, 20, 30, 40; the first 10 steps took 0.5 min (start-up), then 0.1 min per 10 steps.
+    log_history = [
+        {"loss": 2.3, "step": 10, "train_minutes": 0.5}, {"loss": 2.2, "step": 20, "train_minutes": 0.6},
+        {"loss": 2.1, "step": 30, "train_minutes": 0.7}, {"eval_loss": 2.0, "step": 30, "train_minutes": 0.9},
+        {"loss": 2.0, "step": 40, "train_minutes": 0.8},
+    ]
+    assert run_study.steady_seconds_per_step(log_history, train_runtime=48.0, steps=40) == pytest.approx(0.6)
+    # Without two timed training logs, the whole piece's mean.
+    assert run_study.steady_seconds_per_step(log_history[:1], train_runtime=48.0, steps=40) == pytest.approx(1.2)
+
+
 def test_tiny_study_runs_resumes_and_plots(cifar10_dir, tmp_path):
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(yaml.safe_dump({

@@ -55,6 +55,22 @@ def test_clock_sums_time_over_a_resume_and_stops_at_the_budget(monkeypatch, tmp_
     assert metrics["train_minutes"] == pytest.approx(10.5) == resumed_state.log_history[-1]["train_minutes"]
 
 
+def test_training_logs_are_stamped_too(monkeypatch, tmp_path):
+    fake = FakeTime()
+    monkeypatch.setattr(callbacks.time, "perf_counter", fake)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none")
+    state, control = TrainerState(), TrainerControl()
+    clock = TrainingClock()
+    clock.on_train_begin(args, state, control)
+    fake.now += 90
+    state.log_history.append({"loss": 2.0, "step": 10})
+    clock.on_log(args, state, control, logs={"loss": 2.0})
+    state.log_history.append({"train_runtime": 95.0, "step": 10})
+    clock.on_log(args, state, control, logs={"train_runtime": 95.0})
+    assert state.log_history[0]["train_minutes"] == pytest.approx(1.5)
+    assert "train_minutes" not in state.log_history[1]  # the final summary is not a training log
+
+
 def _round_trip(state: TrainerState, folder: Path) -> str:
     path = folder / "trainer_state.json"
     state.save_to_json(str(path))

@@ -27,8 +27,8 @@ class TrainingClock(TrainerCallback, ExportableState):
     """Wall-clock time of the training loop (evaluations included), summed over interruptions and resumes.
 
     The time so far is saved in every checkpoint (`trainer_state.json`, `stateful_callbacks`) and picked up on
-    resume, so a run killed and resumed still stops at its budget. Each evaluation's log entry gets
-    `train_minutes`, which is what accuracy-against-time curves are drawn from. With `budget_minutes` set,
+    resume, so a run killed and resumed still stops at its budget. Each evaluation's and training-loss log entry
+    gets `train_minutes`, which is what accuracy-against-time curves are drawn from. With `budget_minutes` set,
     training stops (with an evaluation and a checkpoint where the run has them) at the first step past it.
     """
 
@@ -59,6 +59,11 @@ class TrainingClock(TrainerCallback, ExportableState):
             control.should_training_stop = True
             control.should_evaluate = args.eval_strategy != "no"
             control.should_save = args.save_strategy != "no"
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # Training-loss entries get the time too: loss-against-time curves, and steady-state step times for budgets.
+        if state.log_history and "loss" in state.log_history[-1]:
+            state.log_history[-1]["train_minutes"] = round(self.elapsed_minutes(), 4)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         minutes = round(self.elapsed_minutes(), 4)

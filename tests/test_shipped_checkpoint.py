@@ -1,0 +1,90 @@
+"""The trained model shipped in `checkpoints/dwvit-cifar10`: it loads the ways users load it and gives what it states.
+
+The example images under `examples/cifar10` are real CIFAR-10 test images named `<true label>_<test index>.png`;
+the true label in the name is the expectation. The stated accuracy is checked against the pipeline on the whole
+real test split when `../shared/data/cifar10` is present.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CHECKPOINT = REPO_ROOT / "checkpoints" / "dwvit-cifar10"
+EXAMPLES = sorted((REPO_ROOT / "examples" / "cifar10").glob("*.png"))
+CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def true_label(path: Path) -> str:
+    return path.stem.rsplit("_", 1)[0]
+
+
+def test_the_folder_is_what_users_download():
+    files = {path.name for path in CHECKPOINT.iterdir()}
+    assert {"model.safetensors", "config.json", "preprocessor_config.json", "README.md"} <= files
+    assert not [name for name in files if name.endswith((".bin", ".pt", ".pth", ".pkl"))]
+    assert sum(path.stat().st_size for path in CHECKPOINT.iterdir()) <= 10 * 2**20
+    config = json.loads((CHECKPOINT / "config.json").read_text())
+    assert [config["id2label"][str(index)] for index in range(10)] == CIFAR10_NAMES
+    assert config["use_dw_shortcut"] is True and config["auto_map"]
+    stated = json.loads((CHECKPOINT / "all_results.json").read_text())["eval_accuracy"]
+    card = (CHECKPOINT / "README.md").read_text()
+    assert f"{stated:.4f}" in card and "run_image_classification.py" in card
+    # Ten classes, one real test image each.
+    assert sorted(true_label(path) for path in EXAMPLES) == CIFAR10_NAMES
+
+
+def test_pipeline_after_import_dwvit_classifies_the_examples():
+    from transformers import pipeline
+
+    import dwvit  # noqa: F401
+
+    classifier = pipeline("image-classification", model=str(CHECKPOINT), device="cpu")
+    predictions = [result[0]["label"] for result in classifier([str(path) for path in EXAMPLES], top_k=1)]
+    assert predictions == [true_label(path) for path in EXAMPLES]
+
+
+def test_pipeline_with_remote_code_only_classifies_the_examples(run_without_dwvit):
+    result = run_without_dwvit(f"""
+        import json
+        from transformers import pipeline
+
+        classifier = pipeline("image-classification", model={str(CHECKPOINT)!r}, trust_remote_code=True, device="cpu")
+        paths = {[str(path) for path in EXAMPLES]!r}
+        print(json.dumps([result[0]["label"] for result in classifier(paths, top_k=1)]))
+    """)
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == [true_label(path) for path in EXAMPLES]
+
+
+def test_stated_accuracy_is_what_the_pipeline_gives_on_the_full_test_split(cifar10_dir):
+    import datasets
+    from transformers import pipeline
+
+    import dwvit  # noqa: F401
+
+    split = datasets.load_dataset(str(cifar10_dir), split="test")
+    assert len(split) == 10_000
+    names = split.features["label"].names
+    classifier = pipeline("image-classification", model=str(CHECKPOINT), device="cpu")
+    correct = 0
+    for start in range(0, len(split), 500):
+        batch = split[start:start + 500]
+        results = classifier([image.convert("RGB") for image in batch["img"]], top_k=1, batch_size=500)
+        correct += sum(result[0]["label"] == names[label] for result, label in zip(results, batch["label"]))
+    stated = json.loads((CHECKPOINT / "all_results.json").read_text())["eval_accuracy"]
+    # The Trainer evaluated the same 10,000 images from the decoded uint8 pixels; allow a few float-rounding flips.
+    assert abs(correct / len(split) - stated) <= 5e-4, (correct / len(split), stated)
+
+
+def test_examples_are_real_cifar10_test_images(cifar10_dir):
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    split = datasets.load_dataset(str(cifar10_dir), split="test")
+    for path in EXAMPLES:
+        index = int(path.stem.rsplit("_", 1)[1])
+        row = split[index]
+        assert split.features["label"].names[row["label"]] == true_label(path)
+        assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), np.asarray(row["img"].convert("RGB")))
