@@ -25,6 +25,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from run_study import write_json  # noqa: E402  (beside this script)
+
 MAX_MEGABYTES = 10
 
 
@@ -104,10 +106,7 @@ def main() -> None:
         "examples": sorted(path.name for path in examples.iterdir()),
         "command": "python studies/ship_checkpoint.py " + " ".join(sys.argv[1:]),
     }
-    report_path = Path(args.result).with_name(Path(args.result).stem + "-pipeline.json")
-    temporary = report_path.with_name(report_path.name + ".tmp")
-    temporary.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(temporary, report_path)
+    write_json(Path(args.result).with_name(Path(args.result).stem + "-pipeline.json"), report)
     print(json.dumps(report, indent=2))
 
 

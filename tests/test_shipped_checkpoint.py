@@ -8,9 +8,11 @@ real test split when `../shared/data/cifar10` is present.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "studies"))
 CHECKPOINT = REPO_ROOT / "checkpoints" / "dwvit-cifar10"
 EXAMPLES = sorted((REPO_ROOT / "examples" / "cifar10").glob("*.png"))
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -59,19 +61,13 @@ def test_pipeline_with_remote_code_only_classifies_the_examples(run_without_dwvi
 
 def test_stated_accuracy_is_what_the_pipeline_gives_on_the_full_test_split(cifar10_dir):
     import datasets
-    from transformers import pipeline
-
-    import dwvit  # noqa: F401
+    from ship_checkpoint import classify_split
 
     split = datasets.load_dataset(str(cifar10_dir), split="test")
     assert len(split) == 10_000
     names = split.features["label"].names
-    classifier = pipeline("image-classification", model=str(CHECKPOINT), device="cpu")
-    correct = 0
-    for start in range(0, len(split), 500):
-        batch = split[start:start + 500]
-        results = classifier([image.convert("RGB") for image in batch["img"]], top_k=1, batch_size=500)
-        correct += sum(result[0]["label"] == names[label] for result, label in zip(results, batch["label"]))
+    predictions = classify_split(CHECKPOINT, split, "img", batch_size=500)
+    correct = sum(predicted == names[label] for predicted, label in zip(predictions, split["label"]))
     stated = json.loads((CHECKPOINT / "all_results.json").read_text())["eval_accuracy"]
     # The Trainer evaluated the same 10,000 images from the decoded uint8 pixels; allow a few float-rounding flips.
     assert abs(correct / len(split) - stated) <= 5e-4, (correct / len(split), stated)
