@@ -1,0 +1,60 @@
+"""The README's results tables: rows in the study's order with the paper's numbers, unfinished runs marked, the
+minutes of the loop's last evaluation (not the script's repeated one), and the spread of repeated seeds."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "studies"))
+
+import results_table  # noqa: E402
+
+
+def write_result(folder: Path, name: str, accuracy: float, evaluations: list[dict]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps({
+        "name": name, "num_parameters": 1017738, "evaluations": evaluations,
+        "final": {"epoch": 1.6, "eval_accuracy": accuracy, "eval_top5_accuracy": 0.95, "train_minutes": 10.93},
+    }))
+
+
+def test_table_rows_minutes_and_seed_spread(tmp_path):
+    study_file = tmp_path / "study.yaml"
+    study_file.write_text(yaml.safe_dump({"study": "mini", "runs": [
+        {"name": "k3", "description": "Kernel 3", "paper": "96.41 (ViT-Tiny + DW)"},
+        {"name": "k3-seed1", "description": "Kernel 3, seed 1", "seed_of": "k3"},
+        {"name": "k3-seed2", "description": "Kernel 3, seed 2", "seed_of": "k3"},
+        {"name": "k5", "description": "Kernel 5", "paper": "96.26"},
+    ]}))
+    folder = tmp_path / "results" / "mini"
+    # The loop evaluated at steps 391 and 626; the script then evaluated step 626 again, later.
+    write_result(folder, "k3", 0.5602, [
+        {"step": 391, "epoch": 1.0, "train_minutes": 6.34, "eval_accuracy": 0.509},
+        {"step": 626, "epoch": 1.6, "train_minutes": 10.43, "eval_accuracy": 0.5602},
+        {"step": 626, "epoch": 1.6, "train_minutes": 10.93, "eval_accuracy": 0.5602},
+    ])
+    write_result(folder, "k3-seed1", 0.5480, [{"step": 626, "epoch": 1.6, "train_minutes": 10.2, "eval_accuracy": 0.548}])
+    write_result(folder, "k3-seed2", 0.5700, [{"step": 626, "epoch": 1.6, "train_minutes": 10.3, "eval_accuracy": 0.57}])
+
+    table = results_table.markdown_table(study_file, tmp_path / "results").splitlines()
+    rows = [line for line in table if line.startswith("| `")]
+    assert [row.split("|")[1].strip() for row in rows] == ["`k3`", "`k3-seed1`", "`k3-seed2`", "`k5`"]
+    k3 = [cell.strip() for cell in rows[0].split("|")[1:-1]]
+    assert k3 == ["`k3`", "Kernel 3", "1.6", "10.4", "1,017,738", "56.02 %", "95.00 %", "96.41 (ViT-Tiny + DW)"]
+    assert "not run yet" in rows[3] and "96.26" in rows[3]
+    # (56.02 + 54.80 + 57.00) / 3 = 55.94; range 54.80-57.00, 2.20 points.
+    assert table[-1] == "`k3` over 3 seeds: mean 55.94 %, range 54.80-57.00 % (spread 2.20 points)."
+
+
+def test_the_studies_name_the_papers_numbers():
+    # Every run of the committed studies either carries the paper's number or repeats another run's seed.
+    for study_file in sorted((REPO_ROOT / "studies").glob("*.yaml")):
+        study = yaml.safe_load(study_file.read_text())
+        names = {run["name"] for run in study["runs"]}
+        for run in study["runs"]:
+            assert run.get("paper") or run.get("seed_of") in names, (study_file.name, run["name"])
