@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -21,6 +22,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "studies"))
+
+from results_table import loop_evaluations  # noqa: E402
 
 
 def load_results(study: str, results_root: Path = REPO_ROOT / "studies" / "results") -> list[dict]:
@@ -36,8 +40,7 @@ def plot_study(study: str, output: Path, results_root: Path = REPO_ROOT / "studi
     results = load_results(study, results_root)
     figure, (by_time, by_epoch) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for result in results:
-        # The script's final evaluation repeats the last one of the training loop (same step): keep one per step.
-        evaluations = list({e["step"]: e for e in result["evaluations"] if "train_minutes" in e}.values())
+        evaluations = loop_evaluations(result)
         if not evaluations:
             continue
         label = f"{result['name']} ({100 * result['final']['eval_accuracy']:.1f}%)"

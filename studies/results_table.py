@@ -42,14 +42,20 @@ def seed_groups(study: dict, results: dict[str, dict]) -> dict[str, list[float]]
             for first, names in groups.items() if len(names) > 1}
 
 
+def loop_evaluations(result: dict) -> list[dict]:
+    """The training loop's timed evaluations, one per step: the script's final evaluation repeats the loop's last
+    one at the same step, later, and is left out."""
+    first_per_step: dict[int, dict] = {}
+    for evaluation in result["evaluations"]:
+        if "train_minutes" in evaluation:
+            first_per_step.setdefault(evaluation["step"], evaluation)
+    return sorted(first_per_step.values(), key=lambda evaluation: evaluation["step"])
+
+
 def minutes_to_last_evaluation(result: dict) -> float:
-    """Training minutes (evaluations included) when the loop's last evaluation ended; the script's final
-    evaluation repeats that one at the same step and is not counted."""
-    timed = [e for e in result["evaluations"] if "train_minutes" in e]
-    if not timed:
-        return result["final"]["train_minutes"]
-    last_step = max(e["step"] for e in timed)
-    return min(e["train_minutes"] for e in timed if e["step"] == last_step)
+    """Training minutes, evaluations included, when the loop's last evaluation ended."""
+    evaluations = loop_evaluations(result)
+    return evaluations[-1]["train_minutes"] if evaluations else result["final"]["train_minutes"]
 
 
 def markdown_table(study_file: Path, results_root: Path = REPO_ROOT / "studies" / "results") -> str:
