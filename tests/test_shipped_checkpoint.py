@@ -11,11 +11,11 @@ import json
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from conftest import CIFAR10_NAMES, REPO_ROOT
+
 sys.path.insert(0, str(REPO_ROOT / "studies"))
 CHECKPOINT = REPO_ROOT / "checkpoints" / "dwvit-cifar10"
 EXAMPLES = sorted((REPO_ROOT / "examples" / "cifar10").glob("*.png"))
-CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
 def true_label(path: Path) -> str:
