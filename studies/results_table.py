@@ -7,7 +7,9 @@
 Rows follow the study file's order; a run without a results JSON yet reads "not run yet". A run's `paper` field in
 the study file is the paper's number for the closest configuration (`../shared/paper.md`, 300 epochs at 224x224).
 Runs that name another run in `seed_of` are repeats with other seeds: a line under the table gives their mean and
-range, so differences smaller than that range read as noise.
+range, so differences smaller than that range read as noise. A study with `compare_at_epoch: N` gets a column with
+each run's top-1 at the loop's evaluation at epoch N: runs at an equal time budget plan different epoch counts from
+a noisy step-time calibration, and the equal-epochs column shows which gaps are per-epoch learning and which are speed.
 """
 
 from __future__ import annotations
@@ -33,13 +35,17 @@ def load_study(study_file: Path, results_root: Path) -> tuple[dict, dict[str, di
     return study, results
 
 
-def seed_groups(study: dict, results: dict[str, dict]) -> dict[str, list[float]]:
-    """Top-1 (in %) of each finished run and its finished repeats with other seeds, keyed by the first run."""
+def seed_groups(study: dict, results: dict[str, dict]) -> dict[str, list[str]]:
+    """Finished runs repeated with other seeds: the first run's name to its and its repeats' names."""
     groups: dict[str, list[str]] = {}
     for run in study["runs"]:
         groups.setdefault(run.get("seed_of", run["name"]), []).append(run["name"])
-    return {first: [100 * results[name]["final"]["eval_accuracy"] for name in names if name in results]
-            for first, names in groups.items() if len(names) > 1}
+    return {first: [name for name in names if name in results] for first, names in groups.items() if len(names) > 1}
+
+
+def spread_line(label: str, accuracies: list[float]) -> str:
+    return (f"{label} over {len(accuracies)} seeds: mean {statistics.mean(accuracies):.2f} %, "
+            f"range {min(accuracies):.2f}-{max(accuracies):.2f} % (spread {max(accuracies) - min(accuracies):.2f} points)")
 
 
 def loop_evaluations(result: dict) -> list[dict]:
@@ -58,31 +64,47 @@ def minutes_to_last_evaluation(result: dict) -> float:
     return evaluations[-1]["train_minutes"] if evaluations else result["final"]["train_minutes"]
 
 
+def accuracy_at_epoch(result: dict, epoch: float) -> float | None:
+    """Top-1 (in %) of the loop's evaluation at exactly `epoch`, or None when the loop did not evaluate there."""
+    for evaluation in loop_evaluations(result):
+        if abs(evaluation["epoch"] - epoch) < 1e-6:
+            return 100 * evaluation["eval_accuracy"]
+    return None
+
+
 def markdown_table(study_file: Path, results_root: Path = REPO_ROOT / "studies" / "results") -> str:
     study, results = load_study(study_file, results_root)
+    at_epoch = study.get("compare_at_epoch")
+    epoch_header = [f"top-1 at epoch {at_epoch:g}"] if at_epoch is not None else []
+    header = ["run", "description", "epochs", "training minutes", "params", "top-1", "top-5", *epoch_header,
+              "paper (300 epochs, 224)"]
     lines = [
         f"`python studies/run_study.py {Path(study_file).as_posix()} --only <run>`",
         "",
-        "| run | description | epochs | training minutes | params | top-1 | top-5 | paper (300 epochs, 224) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| " + " | ".join(header) + " |",
+        "| " + " | ".join("---" for _ in header) + " |",
     ]
     for run in study["runs"]:
         name, paper = run["name"], run.get("paper", "")
         result = results.get(name)
         if result is None:
-            lines.append(f"| `{name}` | {run.get('description', '')} | | | | not run yet | | {paper} |")
+            cells = ["", "", "", "not run yet", "", *[""] * len(epoch_header)]
+        else:
+            final = result["final"]
+            cells = [f"{final['epoch']:.1f}", f"{minutes_to_last_evaluation(result):.1f}", f"{result['num_parameters']:,}",
+                     f"{100 * final['eval_accuracy']:.2f} %", f"{100 * final['eval_top5_accuracy']:.2f} %"]
+            if at_epoch is not None:
+                accuracy = accuracy_at_epoch(result, at_epoch)
+                cells.append("" if accuracy is None else f"{accuracy:.2f} %")
+        lines.append("| " + " | ".join([f"`{name}`", run.get("description", ""), *cells, paper]) + " |")
+    for first, names in seed_groups(study, results).items():
+        if len(names) < 2:
             continue
-        final = result["final"]
-        lines.append(
-            f"| `{name}` | {run.get('description', '')} | {final['epoch']:.1f} | {minutes_to_last_evaluation(result):.1f} | "
-            f"{result['num_parameters']:,} | {100 * final['eval_accuracy']:.2f} % | "
-            f"{100 * final['eval_top5_accuracy']:.2f} % | {paper} |"
-        )
-    for first, accuracies in seed_groups(study, results).items():
-        if len(accuracies) > 1:
-            lines += ["", f"`{first}` over {len(accuracies)} seeds: mean {statistics.mean(accuracies):.2f} %, "
-                          f"range {min(accuracies):.2f}-{max(accuracies):.2f} % "
-                          f"(spread {max(accuracies) - min(accuracies):.2f} points)."]
+        line = spread_line(f"`{first}`", [100 * results[name]["final"]["eval_accuracy"] for name in names])
+        at_epoch_accuracies = [accuracy_at_epoch(results[name], at_epoch) for name in names] if at_epoch is not None else []
+        if at_epoch_accuracies and None not in at_epoch_accuracies:
+            line += "; " + spread_line(f"at epoch {at_epoch:g}", at_epoch_accuracies)
+        lines += ["", line + "."]
     return "\n".join(lines)
 
 

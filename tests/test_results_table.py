@@ -58,3 +58,36 @@ def test_the_studies_name_the_papers_numbers():
         names = {run["name"] for run in study["runs"]}
         for run in study["runs"]:
             assert run.get("paper") or run.get("seed_of") in names, (study_file.name, run["name"])
+
+
+def test_compare_at_epoch_column_and_seed_spread(tmp_path):
+    study_file = tmp_path / "study.yaml"
+    study_file.write_text(yaml.safe_dump({"study": "mini", "compare_at_epoch": 1, "runs": [
+        {"name": "k3", "description": "Kernel 3", "paper": "96.41"},
+        {"name": "k3-seed1", "description": "Kernel 3, seed 1", "seed_of": "k3"},
+        {"name": "plain", "description": "No shortcut", "paper": "94.01"},
+        {"name": "k5", "description": "Kernel 5", "paper": "96.26"},
+    ]}))
+    folder = tmp_path / "results" / "mini"
+    write_result(folder, "k3", 0.5602, [
+        {"step": 391, "epoch": 1.0, "train_minutes": 6.34, "eval_accuracy": 0.509},
+        {"step": 626, "epoch": 1.6, "train_minutes": 10.43, "eval_accuracy": 0.5602},
+    ])
+    write_result(folder, "k3-seed1", 0.5480, [
+        {"step": 391, "epoch": 1.0, "train_minutes": 6.1, "eval_accuracy": 0.523},
+        {"step": 587, "epoch": 1.5, "train_minutes": 9.0, "eval_accuracy": 0.548},
+    ])
+    # Stopped before its first epoch ended: no evaluation at epoch 1 to compare.
+    write_result(folder, "plain", 0.30, [{"step": 300, "epoch": 0.77, "train_minutes": 9.9, "eval_accuracy": 0.30}])
+
+    table = results_table.markdown_table(study_file, tmp_path / "results").splitlines()
+    assert table[2].split("|")[8].strip() == "top-1 at epoch 1"
+    rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[1:-1]]
+            for line in table if line.startswith("| `")}
+    assert rows["`k3`"][7:] == ["50.90 %", "96.41"]
+    assert rows["`k3-seed1`"][7] == "52.30 %"
+    assert rows["`plain`"][5:] == ["30.00 %", "95.00 %", "", "94.01"]
+    assert rows["`k5`"][5:] == ["not run yet", "", "", "96.26"]
+    # At the end: (56.02 + 54.80) / 2 = 55.41; at epoch 1: (50.90 + 52.30) / 2 = 51.60, range 1.40 points.
+    assert table[-1] == ("`k3` over 2 seeds: mean 55.41 %, range 54.80-56.02 % (spread 1.22 points); "
+                         "at epoch 1 over 2 seeds: mean 51.60 %, range 50.90-52.30 % (spread 1.40 points).")
