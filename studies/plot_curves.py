@@ -39,26 +39,30 @@ def load_results(study: str, results_root: Path = REPO_ROOT / "studies" / "resul
 def plot_study(study: str, output: Path, results_root: Path = REPO_ROOT / "studies" / "results") -> Path:
     results = load_results(study, results_root)
     figure, (by_time, by_epoch) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for result in results:
+    # tab10 repeats after ten runs, which would give two runs of the variants study one colour.
+    colors = plt.get_cmap("tab10" if len(results) <= 10 else "tab20").colors
+    for result, color in zip(results, colors):
         evaluations = loop_evaluations(result)
         if not evaluations:
             continue
         label = f"{result['name']} ({100 * result['final']['eval_accuracy']:.1f}%)"
         style = "-" if "plain" not in result["name"] else "--"
         accuracy = [100 * e["eval_accuracy"] for e in evaluations]
-        by_time.plot([e["train_minutes"] for e in evaluations], accuracy, style, marker="o", markersize=3, label=label)
-        by_epoch.plot([e["epoch"] for e in evaluations], accuracy, style, marker="o", markersize=3, label=label)
+        line_style = {"linestyle": style, "marker": "o", "markersize": 3, "color": color, "label": label}
+        by_time.plot([e["train_minutes"] for e in evaluations], accuracy, **line_style)
+        by_epoch.plot([e["epoch"] for e in evaluations], accuracy, **line_style)
     by_time.set_xlabel("training minutes (2 CPU cores, evaluations included)")
     by_epoch.set_xlabel("epochs")
     by_time.set_ylabel("top-1 accuracy (%)")
     for axis in (by_time, by_epoch):
         axis.grid(alpha=0.3)
-    by_epoch.legend(fontsize=8, loc="lower right")
+    # Beside the plots rather than on them: with a dozen runs a legend inside covers curves.
+    by_epoch.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     figure.suptitle(f"{study}: top-1 on the full evaluation split")
     figure.tight_layout()
     output.parent.mkdir(parents=True, exist_ok=True)
     temporary = output.with_name(output.stem + ".tmp.png")
-    figure.savefig(temporary, dpi=110)
+    figure.savefig(temporary, dpi=110, bbox_inches="tight")
     plt.close(figure)
     os.replace(temporary, output)
     return output
