@@ -11,6 +11,7 @@ Reads `studies/results/<study>/*.json` (written by `run_study.py`, one per finis
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -39,8 +40,9 @@ def load_results(study: str, results_root: Path = REPO_ROOT / "studies" / "resul
 def plot_study(study: str, output: Path, results_root: Path = REPO_ROOT / "studies" / "results") -> Path:
     results = load_results(study, results_root)
     figure, (by_time, by_epoch) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    # tab10 repeats after ten runs, which would give two runs of the variants study one colour.
-    colors = plt.get_cmap("tab10" if len(results) <= 10 else "tab20").colors
+    # tab10 repeats after ten runs, which would give two runs of the variants study one colour; cycled past
+    # twenty so that no run is ever left out of the plot.
+    colors = itertools.cycle(plt.get_cmap("tab10" if len(results) <= 10 else "tab20").colors)
     for result, color in zip(results, colors):
         evaluations = loop_evaluations(result)
         if not evaluations:

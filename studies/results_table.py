@@ -36,11 +36,12 @@ def load_study(study_file: Path, results_root: Path) -> tuple[dict, dict[str, di
 
 
 def seed_groups(study: dict, results: dict[str, dict]) -> dict[str, list[str]]:
-    """Finished runs repeated with other seeds: the first run's name to its and its repeats' names."""
+    """Runs finished with two or more seeds: the first run's name to its and its finished repeats' names."""
     groups: dict[str, list[str]] = {}
     for run in study["runs"]:
-        groups.setdefault(run.get("seed_of", run["name"]), []).append(run["name"])
-    return {first: [name for name in names if name in results] for first, names in groups.items() if len(names) > 1}
+        if run["name"] in results:
+            groups.setdefault(run.get("seed_of", run["name"]), []).append(run["name"])
+    return {first: names for first, names in groups.items() if len(names) > 1}
 
 
 def spread_line(label: str, accuracies: list[float]) -> str:
@@ -98,12 +99,11 @@ def markdown_table(study_file: Path, results_root: Path = REPO_ROOT / "studies" 
                 cells.append("" if accuracy is None else f"{accuracy:.2f} %")
         lines.append("| " + " | ".join([f"`{name}`", run.get("description", ""), *cells, paper]) + " |")
     for first, names in seed_groups(study, results).items():
-        if len(names) < 2:
-            continue
         line = spread_line(f"`{first}`", [100 * results[name]["final"]["eval_accuracy"] for name in names])
-        at_epoch_accuracies = [accuracy_at_epoch(results[name], at_epoch) for name in names] if at_epoch is not None else []
-        if at_epoch_accuracies and None not in at_epoch_accuracies:
-            line += "; " + spread_line(f"at epoch {at_epoch:g}", at_epoch_accuracies)
+        if at_epoch is not None:
+            at_epoch_accuracies = [accuracy_at_epoch(results[name], at_epoch) for name in names]
+            if None not in at_epoch_accuracies:
+                line += "; " + spread_line(f"at epoch {at_epoch:g}", at_epoch_accuracies)
         lines += ["", line + "."]
     return "\n".join(lines)
 

@@ -23,15 +23,20 @@ def write_result(folder: Path, name: str, accuracy: float, evaluations: list[dic
     }))
 
 
-def test_table_rows_minutes_and_seed_spread(tmp_path):
+def write_study(tmp_path: Path, runs: list[dict], **fields) -> tuple[Path, Path]:
+    """A study file named "mini" and the folder its results go in."""
     study_file = tmp_path / "study.yaml"
-    study_file.write_text(yaml.safe_dump({"study": "mini", "runs": [
+    study_file.write_text(yaml.safe_dump({"study": "mini", **fields, "runs": runs}))
+    return study_file, tmp_path / "results" / "mini"
+
+
+def test_table_rows_minutes_and_seed_spread(tmp_path):
+    study_file, folder = write_study(tmp_path, [
         {"name": "k3", "description": "Kernel 3", "paper": "96.41 (ViT-Tiny + DW)"},
         {"name": "k3-seed1", "description": "Kernel 3, seed 1", "seed_of": "k3"},
         {"name": "k3-seed2", "description": "Kernel 3, seed 2", "seed_of": "k3"},
         {"name": "k5", "description": "Kernel 5", "paper": "96.26"},
-    ]}))
-    folder = tmp_path / "results" / "mini"
+    ])
     # The loop evaluated at steps 391 and 626; the script then evaluated step 626 again, later.
     write_result(folder, "k3", 0.5602, [
         {"step": 391, "epoch": 1.0, "train_minutes": 6.34, "eval_accuracy": 0.509},
@@ -61,14 +66,12 @@ def test_the_studies_name_the_papers_numbers():
 
 
 def test_compare_at_epoch_column_and_seed_spread(tmp_path):
-    study_file = tmp_path / "study.yaml"
-    study_file.write_text(yaml.safe_dump({"study": "mini", "compare_at_epoch": 1, "runs": [
+    study_file, folder = write_study(tmp_path, [
         {"name": "k3", "description": "Kernel 3", "paper": "96.41"},
         {"name": "k3-seed1", "description": "Kernel 3, seed 1", "seed_of": "k3"},
         {"name": "plain", "description": "No shortcut", "paper": "94.01"},
         {"name": "k5", "description": "Kernel 5", "paper": "96.26"},
-    ]}))
-    folder = tmp_path / "results" / "mini"
+    ], compare_at_epoch=1)
     write_result(folder, "k3", 0.5602, [
         {"step": 391, "epoch": 1.0, "train_minutes": 6.34, "eval_accuracy": 0.509},
         {"step": 626, "epoch": 1.6, "train_minutes": 10.43, "eval_accuracy": 0.5602},
