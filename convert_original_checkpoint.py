@@ -34,8 +34,8 @@ def _floats(text: str) -> list[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dwvit.conversion import ORIGINAL_MODEL_TYPES
-    from dwvit.image_processing import DATASET_STATISTICS
+    from dwvit.conversion.original_checkpoint import ORIGINAL_MODEL_TYPES
+    from dwvit.models.image_processing import DATASET_STATISTICS
 
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from transformers import AutoConfig
 
-    from dwvit.conversion import convert_original_checkpoint
+    from dwvit.conversion.original_checkpoint import convert_original_checkpoint
 
     try:
         output_dir = convert_original_checkpoint(

@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from dwvit.redaction import file_token_shapes, redact_text
+from dwvit.training.redaction import file_token_shapes, redact_text
 
 PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # Pickle files a Trainer writes that are not weights: never published, but no reason to refuse the folder.

@@ -27,15 +27,15 @@ from transformers import (
 )
 
 import dwvit
-from dwvit.augmentation import (
+from dwvit.training.augmentation import (
     BatchAugmentation,
     ImageBatchCollator,
     build_eval_transform,
     sample_crop_steps,
 )
-from dwvit.checkpointing import latest_complete_checkpoint
-from dwvit.configuration_dwvit import to_pair
-from dwvit.data import (
+from dwvit.training.checkpointing import latest_complete_checkpoint
+from dwvit.models.configuration_dwvit import to_pair
+from dwvit.training.data import (
     ImageClassificationDataset,
     apply_unreadable_policy,
     detect_columns,
@@ -46,22 +46,18 @@ from dwvit.data import (
     split_train_eval,
     without_decoding,
 )
-from dwvit.image_processing import DATASET_STATISTICS
-from dwvit.redaction import redact_argv, redact_mapping
-from dwvit.script_arguments import (
+from dwvit.models.image_processing import DATASET_STATISTICS
+from dwvit.training.redaction import redact_argv, redact_mapping
+from dwvit.training.arguments import (
     DataArguments,
     ModelArguments,
     parse_args,
     resolve_mixed_precision,
 )
-from dwvit.trainer import DWTrainer, prepare_torch_compile
-from dwvit.training import (
-    SetEpochCallback,
-    TrainingClock,
-    make_compute_metrics,
-    parse_config_overrides,
-    parse_floats,
-)
+from dwvit.training.trainer import DWTrainer, prepare_torch_compile
+from dwvit.training.arguments import parse_config_overrides, parse_floats
+from dwvit.training.callbacks import SetEpochCallback, TrainingClock
+from dwvit.training.metrics import make_compute_metrics
 
 logger = logging.getLogger("run_image_classification")
 
@@ -75,7 +71,7 @@ def build_model(model_args: ModelArguments, labels: list[str]):
     """
     import tempfile
 
-    from dwvit.from_transformers import SUPPORTED_MODEL_TYPES
+    from dwvit.conversion.from_transformers import SUPPORTED_MODEL_TYPES
 
     id2label = dict(enumerate(labels))
     label2id = {name: index for index, name in id2label.items()}

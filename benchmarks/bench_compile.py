@@ -20,7 +20,7 @@ stops that (`mallopt`), which isolates the kernels' own speed.
 
 Variants (`--variants`): `eager`; `compile` (`torch.compile(model)`: inductor, default mode, what
 `--torch_compile` does); `force-layout-opt` (`options={"force_layout_optimization": True}`, what
-`dwvit.trainer.prepare_torch_compile` sets for the Trainer); `force-layout-opt-dynamic` (the same with
+`dwvit.training.trainer.prepare_torch_compile` sets for the Trainer); `force-layout-opt-dynamic` (the same with
 `dynamic=True`, the graph Dynamo switches to after a batch of another size); `max-autotune`
 (`mode="max-autotune-no-cudagraphs"`); `max-autotune-forced` (its options plus the forced layout);
 `cpp-wrapper`; `no-layout-opt` (`options={"layout_optimization": False}`).
@@ -183,7 +183,7 @@ def measure_cell(name, shortcut, batch_size, variants, rounds, steps, warmup, pr
 def shortcut_cell(width, batch_size, variants, rounds, steps) -> list[dict]:
     """The shortcut alone at 32/4 (an 8x8 grid plus a class token): `add_shortcut(block_output, shortcut(tokens))`,
     forward and backward, eager vs compiled; the part of the model where compilation differs the most."""
-    from dwvit.dw_layers import DepthwiseShortcut, add_shortcut
+    from dwvit.models.dw_layers import DepthwiseShortcut, add_shortcut
 
     torch._dynamo.reset()
     torch.manual_seed(0)
@@ -251,7 +251,7 @@ def print_profile(title: str, step, row_limit: int = 25) -> None:
 
 
 TRAINER_VARIANTS = {
-    # name: (torch_compile, call dwvit.trainer.prepare_torch_compile first)
+    # name: (torch_compile, call dwvit.training.trainer.prepare_torch_compile first)
     "Trainer eager": (False, False),
     "Trainer compile": (True, False),
     "Trainer compile + prepare_torch_compile": (True, True),
@@ -260,11 +260,11 @@ TRAINER_VARIANTS = {
 
 def trainer_cells(name, shortcut, batch_size, rounds, steps, warmup) -> list[dict]:
     """Trainer jobs on one in-memory synthetic data set: eager, `torch_compile=True`, and `torch_compile=True` after
-    `dwvit.trainer.prepare_torch_compile`, in rotating order; steady-state seconds per optimizer step."""
+    `dwvit.training.trainer.prepare_torch_compile`, in rotating order; steady-state seconds per optimizer step."""
     import torch._inductor.config as inductor_config
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from dwvit.trainer import prepare_torch_compile
+    from dwvit.training.trainer import prepare_torch_compile
 
     class StepClock(TrainerCallback):
         def __init__(self):

@@ -7,7 +7,7 @@ at a random moment of the run (start-up included), others while a checkpoint is 
 watches the output folder for the staging folder `_tmp-checkpoint-N` and kills a few milliseconds after it
 appears. A kill counts as "in save" when it leaves a staging folder written during that attempt: a checkpoint being
 written (`_tmp-checkpoint-N`) or one being deleted by rotation (`_tmp-old-checkpoint-N`). After every kill it
-checks the invariant that every visible `checkpoint-N` is complete (`dwvit.checkpointing.checkpoint_problems`). Finally the resumed job runs to its end and its weights are compared
+checks the invariant that every visible `checkpoint-N` is complete (`dwvit.training.checkpointing.checkpoint_problems`). Finally the resumed job runs to its end and its weights are compared
 with those of an uninterrupted run of the same command.
 
     python benchmarks/kill_resume.py                       # 20 kills; prints a table and a summary
@@ -36,7 +36,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "src"))
 
-from dwvit.checkpointing import checkpoint_problems, latest_complete_checkpoint, list_checkpoints  # noqa: E402
+from dwvit.training.checkpointing import checkpoint_problems, latest_complete_checkpoint, list_checkpoints  # noqa: E402
 
 TINY = "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64,drop_path_rate=0.1"
 LOSS_LINE = re.compile(r"\{'loss'|\{\"loss\"|'loss':")

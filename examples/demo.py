@@ -68,7 +68,7 @@ def main() -> None:
 
     from transformers import pipeline
 
-    from dwvit.training import known_dataset, load_raw_datasets, split_train_eval
+    from dwvit.training.data import known_dataset, load_raw_datasets, split_train_eval
 
     raw = load_raw_datasets(args.dataset)
     _, evaluation, _ = split_train_eval(raw, spec=known_dataset(args.dataset))

@@ -46,8 +46,8 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "src"))
 
-from dwvit.argument_files import read_argument_file  # noqa: E402
-from dwvit.redaction import redact_argv  # noqa: E402
+from dwvit.training.argument_files import read_argument_file  # noqa: E402
+from dwvit.training.redaction import redact_argv  # noqa: E402
 
 CALIBRATION_STEPS = 40
 SAFETY = 0.97  # leave a little of the budget for the last checkpoint and the slack of the estimate

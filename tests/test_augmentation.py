@@ -8,7 +8,7 @@ import torch
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
-from dwvit.augmentation import (
+from dwvit.training.augmentation import (
     AugmentationConfig,
     BatchAugmentation,
     adjust_brightness,

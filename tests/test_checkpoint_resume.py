@@ -24,7 +24,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 import run_image_classification as ric  # noqa: E402
-from dwvit.checkpointing import (  # noqa: E402
+from dwvit.training.checkpointing import (  # noqa: E402
     MANIFEST_NAME,
     checkpoint_problems,
     latest_complete_checkpoint,
@@ -209,7 +209,7 @@ def test_rotation_order(tmp_path):
 
 
 def test_a_kill_during_rotation_leaves_no_half_deleted_checkpoint(tmp_path, monkeypatch):
-    import dwvit.checkpointing as checkpointing
+    import dwvit.training.checkpointing as checkpointing
 
     for step in (3, 6):
         (tmp_path / f"checkpoint-{step}").mkdir()
@@ -247,7 +247,7 @@ def test_unreadable_checkpoints_are_skipped_with_a_warning_naming_them(interrupt
     shutil.copytree(interrupted, out)
     (out / "checkpoint-6" / "optimizer.pt").write_bytes(b"not a torch file")
     os.remove(out / "checkpoint-3" / "rng_state.pth")
-    with caplog.at_level(logging.WARNING, logger="dwvit.checkpointing"):
+    with caplog.at_level(logging.WARNING, logger="dwvit.training.checkpointing"):
         assert latest_complete_checkpoint(out) is None
     messages = [record.getMessage() for record in caplog.records]
     assert len(messages) == 2

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from dwvit.dw_layers import DepthwiseShortcut
+from dwvit.models.dw_layers import DepthwiseShortcut
 
 
 def _small_model(family: str = "dwvit", kernels=(3, 5), span: int = 1, seed: int = 0):

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-from dwvit.conversion import (
+from dwvit.conversion.original_checkpoint import (
     UnsafeCheckpointError,
     build_converted_model,
     convert_original_checkpoint,

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-import dwvit.data as data
-from dwvit.data import ImageClassificationDataset, apply_unreadable_policy, decode_image, scan_images, without_decoding
+import dwvit.training.data as data
+from dwvit.training.data import ImageClassificationDataset, apply_unreadable_policy, decode_image, scan_images, without_decoding
 
 
 def png(pixels: np.ndarray) -> bytes:

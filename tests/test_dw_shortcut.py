@@ -12,7 +12,7 @@ from transformers import AutoModelForImageClassification
 
 from dwvit import DWCaiTForImageClassification, DWSwinBackbone, DWSwinForImageClassification, DWSwinModel
 from dwvit import DWViTForImageClassification, DepthwiseShortcut
-from dwvit.dw_layers import add_shortcut
+from dwvit.models.dw_layers import add_shortcut
 from conftest import hand_shortcut, randomise_shortcut_statistics
 from test_dwcait import small_config as cait_config
 from test_dwswin import small_config as swin_config

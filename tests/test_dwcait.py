@@ -461,7 +461,7 @@ def test_drop_path_is_constant_over_patch_blocks_and_absent_in_class_attention()
     # Without LayerScale (initialised at 1e-5) a dropped branch changes the output visibly.
     model = DWCaiTForImageClassification(small_config(drop_path_rate=0.5, use_layer_scale=False))
     assert [layer.drop_path.drop_prob for layer in model.dwcait.encoder.layers] == [0.5] * 4
-    assert not any(isinstance(m, dwvit.dw_layers.DropPath) for m in model.dwcait.encoder.class_attention_layers.modules())
+    assert not any(isinstance(m, dwvit.models.dw_layers.DropPath) for m in model.dwcait.encoder.class_attention_layers.modules())
     pixel_values = torch.randn(4, 3, 32, 32)
     model.eval()
     with torch.no_grad():

@@ -24,7 +24,7 @@ from transformers import (
 
 import dwvit
 from dwvit import DWSwinBackbone, DWSwinConfig, DWSwinForImageClassification, DWSwinModel
-from dwvit.from_transformers import convert_state_dict
+from dwvit.conversion.from_transformers import convert_state_dict
 from conftest import CIFAR10_LABELS, CIFAR10_NAMES, hand_shortcut, randomise_shortcut_statistics, warm_up_batchnorm
 
 # 32x32 / patch 2 = a 16x16 grid, then 8x8; both larger than the 4x4 window, so odd blocks shift by 2.

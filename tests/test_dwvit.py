@@ -9,7 +9,7 @@ from transformers import ViTConfig, ViTForImageClassification
 
 import dwvit
 from dwvit import DWViTConfig, DWViTForImageClassification, DWViTModel
-from dwvit.from_transformers import convert_state_dict
+from dwvit.conversion.from_transformers import convert_state_dict
 from conftest import hand_shortcut, randomise_shortcut_statistics
 
 SMALL = dict(image_size=32, patch_size=4, hidden_size=48, num_hidden_layers=4, num_attention_heads=3, intermediate_size=96)
@@ -136,7 +136,7 @@ def test_shortcut_matches_hand_computation(kernel_sizes, span, image_size, train
 @pytest.mark.parametrize("num_prefix_tokens", [0, 1, 2])
 def test_shortcut_gradients_match_autograd_through_the_hand_computation(num_prefix_tokens):
     """Training-mode backward, class-token boundary included, against autograd through functional ops."""
-    from dwvit.dw_layers import add_shortcut
+    from dwvit.models.dw_layers import add_shortcut
 
     torch.manual_seed(14)
     grid, channels = (3, 4), 6
@@ -161,7 +161,7 @@ def test_shortcut_gradients_match_autograd_through_the_hand_computation(num_pref
 
 def test_shortcut_with_class_token_passes_gradcheck():
     """Finite differences in float64: the backward across the class-token boundary is exact."""
-    from dwvit.dw_layers import add_shortcut
+    from dwvit.models.dw_layers import add_shortcut
 
     torch.manual_seed(16)
     shortcut = dwvit.DepthwiseShortcut(3, [3]).double().train()

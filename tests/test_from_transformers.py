@@ -38,7 +38,7 @@ from dwvit import (
     DWViTForImageClassification,
     DWViTModel,
 )
-from dwvit.from_transformers import SUPPORTED_CLASSES, convert_state_dict, map_state_dict
+from dwvit.conversion.from_transformers import SUPPORTED_CLASSES, convert_state_dict, map_state_dict
 from conftest import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT))

@@ -1,4 +1,4 @@
-"""Weight-decay parameter groups (`dwvit.optim`, `DWTrainer.get_decay_parameter_names`) for the three families.
+"""Weight-decay parameter groups (`dwvit.training.optim`, `DWTrainer.get_decay_parameter_names`) for the three families.
 
 The rule of timm and of the original (Swin) training code: no weight decay on 1-D parameters (biases, LayerNorm and
 BatchNorm scales, CaiT's LayerScale factors) and on what the model's `no_weight_decay()` names (position embeddings,
@@ -14,8 +14,8 @@ from torch import nn
 from transformers import AutoModelForImageClassification, TrainingArguments
 
 from dwvit import DWCaiTConfig, DWSwinConfig, DWViTConfig
-from dwvit.optim import decay_parameter_names
-from dwvit.trainer import DWTrainer
+from dwvit.training.optim import decay_parameter_names
+from dwvit.training.trainer import DWTrainer
 
 WEIGHT_DECAY = 0.05
 

@@ -11,7 +11,7 @@ from PIL import Image
 from transformers import TrainingArguments
 
 import run_image_classification as job
-from dwvit.trainer import prepare_torch_compile
+from dwvit.training.trainer import prepare_torch_compile
 
 
 @pytest.fixture
@@ -47,7 +47,7 @@ def test_other_backends_are_left_alone(tmp_path, inductor_config):
 
 
 def test_cpu_inductor_gets_channels_last_backward(tmp_path, inductor_config, caplog):
-    with caplog.at_level(logging.INFO, logger="dwvit.trainer"):
+    with caplog.at_level(logging.INFO, logger="dwvit.training.trainer"):
         applied = prepare_torch_compile(_arguments(tmp_path, torch_compile=True))
     assert applied is _affected_torch()
     assert inductor_config.force_layout_optimization is applied

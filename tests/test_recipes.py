@@ -18,8 +18,8 @@ sys.path.insert(0, str(REPO_ROOT))
 import run_image_classification as ric  # noqa: E402
 
 import dwvit  # noqa: E402
-from dwvit.optim import decay_parameter_names  # noqa: E402
-from dwvit.training import KNOWN_DATASETS  # noqa: E402
+from dwvit.training.optim import decay_parameter_names  # noqa: E402
+from dwvit.training.data import KNOWN_DATASETS  # noqa: E402
 
 RECIPES_DIR = REPO_ROOT / "recipes"
 RECIPES = sorted(p for pattern in ("*.yaml", "*.yml", "*.json") for p in RECIPES_DIR.rglob(pattern))
@@ -228,7 +228,7 @@ def test_one_training_step_from_a_recipe(name, tmp_path, cifar10_dir):
     assert (args.learning_rate, args.weight_decay, args.max_grad_norm) == (lr, 0.05, 5.0)
     assert args.lr_scheduler_kwargs == {"min_lr": min_lr} and args.seed == 0
     assert (args.max_steps, args.per_device_train_batch_size) == (1, 4)
-    # DWTrainer's AdamW groups: weight decay 0.05 on dwvit.optim's decay set, 0 on the rest (biases, norms, tokens).
+    # DWTrainer's AdamW groups: weight decay 0.05 on dwvit.training.optim's decay set, 0 on the rest (biases, norms, tokens).
     groups = seen["groups"]
     assert set(groups) == {0.0, 0.05}
     assert groups[0.05] == seen["decay"] and groups[0.0] == seen["names"] - seen["decay"]

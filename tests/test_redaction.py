@@ -19,8 +19,8 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import hub_upload  # noqa: E402
 import run_image_classification as ric  # noqa: E402
-from dwvit.script_arguments import ImageClassificationTrainingArguments  # noqa: E402
-from dwvit.redaction import (  # noqa: E402
+from dwvit.training.arguments import ImageClassificationTrainingArguments  # noqa: E402
+from dwvit.training.redaction import (  # noqa: E402
     REDACTED,
     file_token_shapes,
     find_token_shapes,

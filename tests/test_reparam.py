@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dwvit.dw_layers import DepthwiseShortcut
+from dwvit.models.dw_layers import DepthwiseShortcut
 
 
 def _family(name: str):

@@ -22,13 +22,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 import run_image_classification as ric  # noqa: E402
-from dwvit.image_processing import DATASET_STATISTICS  # noqa: E402
-from dwvit.training import (  # noqa: E402
-    ImageBatchCollator,
-    decode_image,
-    load_accuracy_metric,
-    parse_config_overrides,
-)
+from dwvit.models.image_processing import DATASET_STATISTICS  # noqa: E402
+from dwvit.training.arguments import parse_config_overrides  # noqa: E402
+from dwvit.training.augmentation import ImageBatchCollator  # noqa: E402
+from dwvit.training.data import decode_image  # noqa: E402
+from dwvit.training.metrics import load_accuracy_metric  # noqa: E402
 
 TINY = "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64"
 QUIET = ["--report_to", "none", "--disable_tqdm", "true", "--dataloader_pin_memory", "false"]

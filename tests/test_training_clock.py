@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
-import dwvit.callbacks as callbacks
-from dwvit.callbacks import TrainingClock
+import dwvit.training.callbacks as callbacks
+from dwvit.training.callbacks import TrainingClock
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))

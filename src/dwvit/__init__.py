@@ -6,16 +6,27 @@ Importing the package registers every family with the Auto classes and marks the
 
 from transformers import AutoBackbone, AutoConfig, AutoModel, AutoModelForImageClassification
 
-from .configuration_dwvit import DWViTConfig
-from .configuration_dwcait import DWCaiTConfig
-from .configuration_dwswin import DWSwinConfig
-from .dw_layers import DepthwiseShortcut
-from .from_transformers import from_transformers
-from .image_processing import make_image_processor
-from .modeling_dwvit import DWViTForImageClassification, DWViTModel, DWViTPreTrainedModel
-from .modeling_dwcait import DWCaiTForImageClassification, DWCaiTModel, DWCaiTPreTrainedModel
-from .modeling_dwswin import DWSwinBackbone, DWSwinForImageClassification, DWSwinModel, DWSwinPreTrainedModel
-from .sizes import NAMED_SIZES, create_model, named_config
+from .conversion.from_transformers import from_transformers
+from .models import (
+    NAMED_SIZES,
+    DepthwiseShortcut,
+    DWCaiTConfig,
+    DWCaiTForImageClassification,
+    DWCaiTModel,
+    DWCaiTPreTrainedModel,
+    DWSwinBackbone,
+    DWSwinConfig,
+    DWSwinForImageClassification,
+    DWSwinModel,
+    DWSwinPreTrainedModel,
+    DWViTConfig,
+    DWViTForImageClassification,
+    DWViTModel,
+    DWViTPreTrainedModel,
+    create_model,
+    make_image_processor,
+    named_config,
+)
 
 __version__ = "0.1.0"
 

@@ -30,7 +30,7 @@ class KnownDataset:
     image_column: str
     label_column: str
     eval_split: str
-    statistics: str | None  # key of `dwvit.image_processing.DATASET_STATISTICS`
+    statistics: str | None  # key of `dwvit.models.image_processing.DATASET_STATISTICS`
 
 
 KNOWN_DATASETS: dict[str, KnownDataset] = {

@@ -1,7 +1,7 @@
 """Top-1 and top-k accuracy from class scores, as an `evaluate` metric that ships with dwvit.
 
 `evaluate.load("accuracy")` fetches its script from the Hub and fails offline; this module is loaded by path
-(`evaluate.load(dwvit.training.METRIC_PATH)`), so evaluation never needs the network.
+(`evaluate.load(dwvit.training.metrics.METRIC_PATH)`), so evaluation never needs the network.
 """
 
 import datasets
@@ -22,7 +22,7 @@ Returns:
     accuracy (`float`): top-1 accuracy in [0, 1].
     top{k}_accuracy (`float`): top-k accuracy in [0, 1].
 Examples:
-    >>> metric = evaluate.load("path/to/dwvit/metrics/accuracy")
+    >>> metric = evaluate.load("path/to/dwvit/training/accuracy")
     >>> metric.compute(predictions=[[0.1, 0.9], [0.8, 0.2]], references=[1, 1], top_k=2)
     {'accuracy': 0.5, 'top2_accuracy': 1.0}
 """

@@ -4,6 +4,8 @@ with the paper's recipe as defaults, and the parser that reads a recipe file fol
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 import sys
 from dataclasses import dataclass, field
 
@@ -12,9 +14,9 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from .argument_files import arguments_from_file, is_argument_file
 from .augmentation import AugmentationConfig
-from .image_processing import DATASET_STATISTICS
+from ..models.image_processing import DATASET_STATISTICS
 from .redaction import TokenFreePickle
-from .sizes import NAMED_SIZES
+from ..models.sizes import NAMED_SIZES
 
 
 @dataclass
@@ -123,7 +125,7 @@ class DataArguments:
 class ImageClassificationTrainingArguments(TokenFreePickle, TrainingArguments):
     """`TrainingArguments` with the paper's recipe as defaults (AdamW, lr 5e-4, wd 0.05, cosine, clip 5).
 
-    Pickled (`training_args.bin`) without `hub_token`: see `dwvit.redaction.TokenFreePickle`.
+    Pickled (`training_args.bin`) without `hub_token`: see `dwvit.training.redaction.TokenFreePickle`.
     """
 
     learning_rate: float = field(default=5e-4, metadata={"help": "Peak learning rate (paper: 5e-4; Swin 2.5e-4)."})
@@ -190,4 +192,57 @@ def resolve_mixed_precision(training_args: ImageClassificationTrainingArguments)
     return dataclasses.replace(training_args, bf16=choice == "bf16", fp16=choice == "fp16")
 
 
-__all__ = ["DataArguments", "ImageClassificationTrainingArguments", "ModelArguments", "parse_args", "resolve_mixed_precision"]
+def parse_config_overrides(text: str | None) -> dict:
+    """`"use_dw_shortcut=false,dw_kernel_sizes=[3,5]"` -> `{"use_dw_shortcut": False, "dw_kernel_sizes": [3, 5]}`.
+
+    Values are JSON (also `True`/`False`/`None`); anything else stays a string. Commas inside brackets belong
+    to the value.
+    """
+    if not text:
+        return {}
+    items, depth, current = [], 0, ""
+    for char in text:
+        depth += char in "[{(" and 1 or 0
+        depth -= char in "]})" and 1 or 0
+        if char == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += char
+    items.append(current)
+    overrides = {}
+    for item in (item.strip() for item in items):
+        if not item:
+            continue
+        if "=" not in item:
+            raise ValueError(f"config_overrides entries must look like key=value; got {item!r} in {text!r}.")
+        key, raw = (part.strip() for part in item.split("=", 1))
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise ValueError(f"config_overrides key {key!r} is not a valid field name.")
+        literal = {"True": "true", "False": "false", "None": "null"}.get(raw, raw)
+        try:
+            value = json.loads(literal.replace("(", "[").replace(")", "]"))
+        except json.JSONDecodeError:
+            value = raw
+        overrides[key] = value
+    return overrides
+
+
+def parse_floats(text: str | None, count: int = 3, name: str = "value"):
+    if text is None:
+        return None
+    values = [float(part) for part in str(text).replace("[", "").replace("]", "").split(",") if part.strip()]
+    if len(values) != count:
+        raise ValueError(f"{name} needs {count} comma-separated numbers; got {text!r}.")
+    return tuple(values)
+
+
+__all__ = [
+    "DataArguments",
+    "ImageClassificationTrainingArguments",
+    "ModelArguments",
+    "parse_args",
+    "parse_config_overrides",
+    "parse_floats",
+    "resolve_mixed_precision",
+]

@@ -20,7 +20,7 @@ class DWCaiTConfig(PretrainedConfig):
     `num_class_attention_layers` class-attention blocks in which a class token attends to itself and the patch
     tokens. A depth-wise shortcut sits beside every group of `dw_block_span` patch blocks and sees every token;
     the class-attention blocks have none. Defaults describe CaiT as published (and as `timm` implements it);
-    the named sizes in `dwvit.sizes` switch LayerScale, talking heads and position embeddings off, as in the
+    the named sizes in `dwvit.models.sizes` switch LayerScale, talking heads and position embeddings off, as in the
     paper's best small-data results.
 
     Args:

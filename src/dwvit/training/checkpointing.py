@@ -4,7 +4,7 @@ A `Trainer` writes `checkpoint-N` file by file, so a job killed during a save le
 checkpoint but holds a truncated or missing file, and resuming from it fails (or, worse, silently loses the RNG
 or optimizer state). Here:
 
-* `AtomicCheckpointMixin` (used by `dwvit.trainer.DWTrainer`) writes each checkpoint aside, under
+* `AtomicCheckpointMixin` (used by `dwvit.training.trainer.DWTrainer`) writes each checkpoint aside, under
   `_tmp-checkpoint-N/checkpoint-N` in the same output folder, adds a manifest of every file's size, fsyncs the files
   and folders, and only then renames it to `checkpoint-N`. A `checkpoint-N` folder therefore appears complete or
   not at all. The staging name does not match `checkpoint-<digits>` (nor the glob `checkpoint-*`), so
