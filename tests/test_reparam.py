@@ -13,12 +13,9 @@ from dwvit.models.dw_layers import DepthwiseShortcut
 
 
 def _family(name: str):
-    """(config class, classification class) of a family, skipping while its module is not in the tree."""
-    try:
-        configuration = importlib.import_module(f"dwvit.configuration_{name}")
-        modeling = importlib.import_module(f"dwvit.modeling_{name}")
-    except ModuleNotFoundError as error:
-        pytest.skip(f"family {name} is not available yet: {error}")
+    """(config class, classification class) of a family."""
+    configuration = importlib.import_module(f"dwvit.models.configuration_{name}")
+    modeling = importlib.import_module(f"dwvit.models.modeling_{name}")
     prefix = {"dwvit": "DWViT", "dwcait": "DWCaiT", "dwswin": "DWSwin"}[name]
     return getattr(configuration, f"{prefix}Config"), getattr(modeling, f"{prefix}ForImageClassification")
 
