@@ -29,22 +29,22 @@ PROCESS_START = time.time()
 
 import psutil  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 sys.path.insert(0, os.path.join(REPO_ROOT, "benchmarks"))
+sys.path.insert(0, os.path.join(REPO_ROOT, "studies"))
 
-import dwvit  # noqa: E402
 import run_image_classification as job  # noqa: E402
 from bench_utils import format_table, machine_summary  # noqa: E402
+from reference_speed import REFERENCE_OVERRIDES, bare_images_per_second  # noqa: E402
 
 IMPORTS_DONE = time.time()
 
 MODELS = {
     # The 96-wide, 6-block model and a ViT-Tiny-sized one, both at 32/4 (an 8x8 grid).
-    "small": "hidden_size=96,num_hidden_layers=6,num_attention_heads=3,intermediate_size=384",
+    "small": REFERENCE_OVERRIDES,
     "tiny": "hidden_size=192,num_hidden_layers=12,num_attention_heads=3,intermediate_size=768",
 }
 
@@ -57,24 +57,6 @@ class StepClock(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.times.append(time.perf_counter())
-
-
-def bare_images_per_second(overrides: str, batch_size: int, warmup: int, steps: int) -> float:
-    model = dwvit.create_model("vit-tiny-cifar", num_labels=10, **job.parse_config_overrides(overrides)).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.05)
-    pixel_values = torch.randn(batch_size, 3, 32, 32)
-    soft_labels = torch.softmax(torch.randn(batch_size, 10), dim=-1)
-    times = []
-    for _ in range(warmup + steps):
-        started = time.perf_counter()
-        logits = model(pixel_values=pixel_values).logits
-        loss = torch.sum(-soft_labels * F.log_softmax(logits, dim=-1), dim=-1).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - started)
-    return batch_size / statistics.median(times[warmup:])
 
 
 def job_run(dataset: str, overrides: str, batch_size: int, warmup: int, steps: int, extra: list[str]) -> dict:

@@ -13,6 +13,9 @@ A study file names its runs; each run is a recipe (`recipes/cpu/*.yaml`) plus ex
       - name: dw
         recipe: recipes/cpu/cifar10_hour.yaml
         budget_minutes: 60            # plan the schedule to end within this training time, and stop there
+      - name: dw-anywhere
+        recipe: recipes/cpu/cifar10_hour.yaml
+        budget_reference_minutes: 60  # the same in reference minutes: 60 x 205 / (reference images/s here) minutes
       - name: plain-equal-epochs
         recipe: recipes/cpu/cifar10_hour.yaml
         args: [--config_overrides, "...,use_dw_shortcut=false"]
@@ -22,6 +25,9 @@ A run with `budget_minutes` is calibrated first: a short timed piece of the same
 one evaluation) measures the steady-state step time (after the piece's first quarter) and the evaluation time,
 and the number of epochs is set so that training with its evaluations fits in the budget; `--max_train_minutes`
 then stops it at the budget in any case. The plan is saved beside the run's checkpoints, so a resumed run keeps it.
+A `budget_reference_minutes` budget is converted to minutes on this machine from its reference speed, measured
+first (`reference_speed.py`); the plan records both. Every segment of a run (its start and each resume) measures
+the reference speed too, so a results JSON says how fast each machine that ran it was.
 Runs live in `runs/<study>/<name>` (checkpoints, never committed; the job resumes from the newest complete one) and
 results in `studies/results/<study>/<name>.json` (written whole or not at all).
 """
@@ -48,6 +54,7 @@ sys.path.insert(0, str(REPO_ROOT / "src"))
 
 from dwvit.training.argument_files import read_argument_file  # noqa: E402
 from dwvit.training.redaction import redact_argv  # noqa: E402
+from reference_speed import measure_reference_speed, minutes_here  # noqa: E402
 
 CALIBRATION_STEPS = 40
 SAFETY = 0.97  # leave a little of the budget for the last checkpoint and the slack of the estimate
@@ -156,13 +163,20 @@ def run_one(study: dict, run: dict, results_dir: Path, runs_dir: Path, dry_run: 
     plan = json.loads(plan_path.read_text()) if plan_path.exists() else {}
     if not plan:
         batch_size = int(_last_value(arguments, "--per_device_train_batch_size", recipe_values.get("per_device_train_batch_size", 128)))
-        if run.get("budget_minutes"):
+        if run.get("budget_minutes") or run.get("budget_reference_minutes"):
             if dry_run:
                 plan = {"num_train_epochs": "<calibrated>"}
             else:
+                plan = {}
+                budget = run.get("budget_minutes")
+                if run.get("budget_reference_minutes"):
+                    reference = measure_reference_speed(steps=int(study.get("reference_steps", 10)))
+                    budget = round(minutes_here(float(run["budget_reference_minutes"]),
+                                                reference["reference_images_per_second"]), 2)
+                    plan = {"budget_reference_minutes": run["budget_reference_minutes"], "reference": reference}
                 calibration = calibrate(recipe, arguments, int(study.get("calibration_steps", CALIBRATION_STEPS)))
-                epochs = plan_epochs(calibration, batch_size, float(run["budget_minutes"]))
-                plan = {"calibration": calibration, "num_train_epochs": epochs, "budget_minutes": run["budget_minutes"]}
+                epochs = plan_epochs(calibration, batch_size, float(budget))
+                plan.update({"calibration": calibration, "num_train_epochs": epochs, "budget_minutes": budget})
         elif run.get("epochs_from"):
             source_path = results_dir / f"{run['epochs_from']}.json"
             if source_path.exists():
@@ -177,8 +191,8 @@ def run_one(study: dict, run: dict, results_dir: Path, runs_dir: Path, dry_run: 
     command_arguments = arguments + ["--output_dir", str(output_dir)]
     if "num_train_epochs" in plan:
         command_arguments += ["--num_train_epochs", str(plan["num_train_epochs"])]
-    if run.get("budget_minutes"):
-        command_arguments += ["--max_train_minutes", str(run["budget_minutes"])]
+    if plan.get("budget_minutes") or run.get("budget_minutes"):
+        command_arguments += ["--max_train_minutes", str(plan.get("budget_minutes") or run["budget_minutes"])]
     command = job_command(recipe, command_arguments)
     shown = "python " + shlex.join(redact_argv([os.path.relpath(c, REPO_ROOT) if c.startswith(str(REPO_ROOT)) else c
                                                 for c in command[1:]]))
@@ -186,12 +200,13 @@ def run_one(study: dict, run: dict, results_dir: Path, runs_dir: Path, dry_run: 
     if dry_run:
         return
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    segments = record_segment(output_dir, started, int(study.get("reference_steps", 10)))
     subprocess.run(command, check=True, cwd=REPO_ROOT)
     result = {
         "study": study["study"], "name": name, "description": run.get("description", ""), "recipe": recipe,
         "command": shown, "plan": plan, **collect(output_dir), "machine": machine(), "versions": versions(),
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "last_segment_started": started,
+        "last_segment_started": started, "segments": segments,
     }
     write_json(result_path, result)
     if run.get("keep_model"):
@@ -200,6 +215,19 @@ def run_one(study: dict, run: dict, results_dir: Path, runs_dir: Path, dry_run: 
             shutil.rmtree(destination)
         shutil.copytree(output_dir, destination, ignore=shutil.ignore_patterns("checkpoint-*", "runs", "*.bin"))
     print(f"[{name}] top-1 {result['final'].get('eval_accuracy')}", flush=True)
+
+
+def record_segment(output_dir: Path, started: str, reference_steps: int) -> list[dict]:
+    """Append this segment (its start and the machine's reference speed now) to the run's segment log."""
+    path = output_dir / "study_segments.json"
+    segments = json.loads(path.read_text()) if path.exists() else []
+    resumed = any(output_dir.glob("checkpoint-*"))
+    if resumed and not segments:
+        segments.append({"started": None, "note": "earlier segments ran before segments were recorded"})
+    segments.append({"started": started, "resumed": resumed, "machine": machine()["cpu"],
+                     **measure_reference_speed(steps=reference_steps)})
+    write_json(path, segments)
+    return segments
 
 
 def _last_value(arguments: list[str], flag: str, default):

@@ -25,6 +25,16 @@ def test_plan_fits_the_budget():
     assert run_study.plan_epochs(calibration, 128, 60) == pytest.approx(16.9)
 
 
+def test_reference_minutes_become_minutes_here():
+    from reference_speed import REFERENCE_IMAGES_PER_SECOND, minutes_here
+
+    assert REFERENCE_IMAGES_PER_SECOND == 205.0  # the hour study's machine (issue 21)
+    assert minutes_here(60, 410.0) == pytest.approx(30.0)  # twice as fast: half the minutes
+    assert minutes_here(60, 102.5) == pytest.approx(120.0)
+    with pytest.raises(ValueError, match="positive"):
+        minutes_here(60, 0.0)
+
+
 def test_step_time_is_the_steady_state_one():
     # Logged at steps 10, 20, 30, 40; the first 10 steps took 0.5 min (start-up), then 0.1 min per 10 steps.
     log_history = [
@@ -47,9 +57,9 @@ def test_tiny_study_runs_resumes_and_plots(cifar10_dir, tmp_path):
     }))
     study = tmp_path / "study.yaml"
     study.write_text(yaml.safe_dump({
-        "study": "tiny", "data": {"dataset_name": str(cifar10_dir)}, "calibration_steps": 2,
+        "study": "tiny", "data": {"dataset_name": str(cifar10_dir)}, "calibration_steps": 2, "reference_steps": 2,
         "runs": [
-            {"name": "dw", "recipe": str(recipe), "budget_minutes": 0.5},
+            {"name": "dw", "recipe": str(recipe), "budget_reference_minutes": 0.3},
             {"name": "plain", "recipe": str(recipe), "epochs_from": "dw",
              "args": ["--config_overrides", TINY + ",use_dw_shortcut=false"]},
         ],
@@ -61,6 +71,17 @@ def test_tiny_study_runs_resumes_and_plots(cifar10_dir, tmp_path):
     dw = json.loads((tmp_path / "results" / "tiny" / "dw.json").read_text())
     plain = json.loads((tmp_path / "results" / "tiny" / "plain.json").read_text())
     assert dw["plan"]["calibration"]["steps"] == 2 and dw["plan"]["num_train_epochs"] >= 1
+    # The budget in reference minutes became minutes here through the speed measured before calibration.
+    from reference_speed import minutes_here
+
+    speed = dw["plan"]["reference"]["reference_images_per_second"]
+    assert speed > 0 and dw["plan"]["budget_reference_minutes"] == 0.3
+    assert dw["plan"]["budget_minutes"] == pytest.approx(minutes_here(0.3, speed), abs=0.01)
+    assert f"--max_train_minutes {dw['plan']['budget_minutes']}" in dw["command"]
+    # Every segment records the machine's reference speed (one segment each here: nothing was resumed).
+    for result in (dw, plain):
+        assert [segment["resumed"] for segment in result["segments"]] == [False]
+        assert result["segments"][0]["reference_images_per_second"] > 0
     assert plain["plan"]["num_train_epochs"] == dw["plan"]["num_train_epochs"]
     for result in (dw, plain):
         assert result["evaluations"] and all(0 < e["train_minutes"] for e in result["evaluations"])
