@@ -132,6 +132,8 @@ def test_swin_tiny_matches_transformers_swin_tiny():
 def test_attentions_match_transformers_swin_eager():
     config = small_config(use_dw_shortcut=False)
     model, reference = faithful_pair(config, seed=3, attn_implementation="eager")
+    # Every block's map (the default, one per stage as in Swin, is tested in test_transformers_conventions.py).
+    model.config.attentions_per_block = True
     pixel_values = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         ours = model(pixel_values, output_attentions=True)

@@ -14,6 +14,27 @@ from torch import nn
 from transformers import initialization as init
 
 
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of `(batch, heads, length, head_dim)` tensors, with an optional additive mask; transformers'
+    `eager` implementation. Returns the output as `(batch, length, heads, head_dim)`, like every function of
+    `ALL_ATTENTION_FUNCTIONS`, and the weights applied to the values."""
+    attn_weights = torch.matmul(query, key.transpose(-2, -1)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    return torch.matmul(attn_weights, value).transpose(1, 2), attn_weights
+
+
 def block_groups(num_blocks: int, span: int) -> list[tuple[int, int]]:
     """Split `num_blocks` consecutive blocks into half-open `(start, end)` groups of at most `span` blocks.
 
@@ -58,8 +79,10 @@ class DepthwiseShortcut(nn.Module):
         self.register_buffer("fused_shift_weight", None, persistent=False)
         self.register_buffer("fused_bias", None, persistent=False)
         self._bias_maps: dict = {}
-        # Set by `model.gradient_checkpointing_enable()` (transformers toggles every module with this attribute):
-        # the shortcut then keeps no activations for backward and recomputes them, like the blocks beside it.
+        # Set by `model.activation_checkpointing_enable()` (transformers toggles every module with this attribute):
+        # the shortcut then keeps no activations for backward and recomputes them. It checkpoints itself rather than
+        # being a `GradientCheckpointingLayer`, because only its own recompute can keep BatchNorm statistics still;
+        # so it is not counted by `every_n_layers` and is recomputed whenever checkpointing is on.
         self.gradient_checkpointing = False
 
     @property

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling, ImageClassifierOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_dwvit import DWViTConfig, to_pair
 from .dw_layers import (
@@ -18,6 +19,7 @@ from .dw_layers import (
     block_groups,
     depthwise_shortcuts,
     drop_path_rates,
+    eager_attention_forward,
     image_classification_loss,
     init_shortcut_weights,
     interpolate_grid_positions,
@@ -114,18 +116,23 @@ class DWViTAttention(nn.Module):
         batch_size, seq_length, hidden_size = hidden_states.shape
         qkv = self.qkv(hidden_states).view(batch_size, seq_length, 3, self.num_attention_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        dropout = self.attention_dropout if self.training else 0.0
-        if output_attentions or self.config._attn_implementation == "eager":
-            attn_weights = torch.matmul(query, key.transpose(-2, -1)) * self.scaling
-            attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
-            attn_weights = F.dropout(attn_weights, p=dropout, training=self.training)
-            attn_output = torch.matmul(attn_weights, value)
-        else:
-            attn_output = F.scaled_dot_product_attention(
-                query, key, value, dropout_p=dropout, is_causal=self.is_causal, scale=self.scaling
+        # Read at every call, so that `model.set_attn_implementation()` takes effect; returned maps need eager.
+        attention_interface = eager_attention_forward
+        if not output_attentions:
+            attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+                self.config._attn_implementation, eager_attention_forward
             )
-            attn_weights = None
-        attn_output = attn_output.transpose(1, 2).reshape(batch_size, seq_length, hidden_size)
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            None,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            is_causal=self.is_causal,
+        )
+        attn_output = attn_output.reshape(batch_size, seq_length, hidden_size)
         return self.out_proj(attn_output), attn_weights
 
 
@@ -144,7 +151,7 @@ class DWViTMLP(nn.Module):
         return self.dropout(self.fc2(hidden_states))
 
 
-class DWViTLayer(nn.Module):
+class DWViTLayer(GradientCheckpointingLayer):
     """A pre-norm Transformer block (attention and MLP, each in a residual branch with stochastic depth)."""
 
     def __init__(self, config: DWViTConfig, drop_path: float = 0.0):
@@ -176,6 +183,8 @@ class DWViTEncoder(nn.Module):
         self.layers = nn.ModuleList(DWViTLayer(config, rate) for rate in rates)
         self.groups = block_groups(config.num_hidden_layers, config.dw_block_span)
         self.shortcuts = depthwise_shortcuts(config, config.hidden_size, len(self.groups))
+        # Toggled with the rest by `activation_checkpointing_enable()`; the blocks and the shortcuts checkpoint
+        # themselves, so that forward hooks stay outside the recompute and BatchNorm statistics move once.
         self.gradient_checkpointing = False
 
     def forward(
@@ -191,13 +200,7 @@ class DWViTEncoder(nn.Module):
         for group_index, (start, end) in enumerate(self.groups):
             group_input = hidden_states
             for layer in self.layers[start:end]:
-                if self.gradient_checkpointing and self.training:
-                    # The block is checkpointed here; the shortcut checkpoints itself without moving BatchNorm twice.
-                    hidden_states, attn_weights = self._gradient_checkpointing_func(
-                        layer.__call__, hidden_states, output_attentions
-                    )
-                else:
-                    hidden_states, attn_weights = layer(hidden_states, output_attentions)
+                hidden_states, attn_weights = layer(hidden_states, output_attentions)
                 if all_attentions is not None:
                     all_attentions = all_attentions + (attn_weights,)
                 if output_hidden_states and layer is not self.layers[end - 1]:

@@ -35,6 +35,9 @@ class DWSwinConfig(BackboneConfigMixin, PretrainedConfig):
             the regular window partition; the paper reports both.
         patch_norm (`bool`, defaults to `True`):
             LayerNorm after the patch embedding, as in Swin.
+        attentions_per_block (`bool`, defaults to `False`):
+            What `output_attentions=True` returns: by default one map per stage, its last block's, as
+            `transformers`' Swin does; `True` returns every block's map, in order.
         out_features (`list[str]`, *optional*):
             Stages `DWSwinBackbone` returns, among `stage_names` (`["stem", "stage1", ..., "stageN"]`).
         out_indices (`list[int]`, *optional*):
@@ -72,6 +75,7 @@ class DWSwinConfig(BackboneConfigMixin, PretrainedConfig):
         initializer_range: float = 0.02,
         layer_norm_eps: float = 1e-5,
         use_shifted_windows: bool = True,
+        attentions_per_block: bool = False,
         use_dw_shortcut: bool = True,
         dw_kernel_sizes: list[int] | tuple[int, ...] = (3,),
         dw_block_span: int = 1,
@@ -102,6 +106,7 @@ class DWSwinConfig(BackboneConfigMixin, PretrainedConfig):
         self.initializer_range = initializer_range
         self.layer_norm_eps = layer_norm_eps
         self.use_shifted_windows = use_shifted_windows
+        self.attentions_per_block = attentions_per_block
         self.use_dw_shortcut = use_dw_shortcut
         self.dw_kernel_sizes = list(dw_kernel_sizes) if isinstance(dw_kernel_sizes, (list, tuple)) else dw_kernel_sizes
         self.dw_block_span = dw_block_span

@@ -8,7 +8,9 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling, ImageClassifierOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_dwcait import DWCaiTConfig
 from .dw_layers import (
@@ -17,6 +19,7 @@ from .dw_layers import (
     add_shortcut,
     block_groups,
     depthwise_shortcuts,
+    eager_attention_forward,
     image_classification_loss,
     init_shortcut_weights,
     interpolate_grid_positions,
@@ -67,28 +70,44 @@ def _mix_heads(mixing: nn.Linear, scores: torch.Tensor) -> torch.Tensor:
     return mixing(scores.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
-def _attend(module: nn.Module, query, key, value, output_attentions: bool):
-    """Scaled dot-product attention of `(batch, heads, length, head_dim)` tensors, with optional talking heads.
-
-    Talking heads mix the heads between the matmul and the softmax, which SDPA cannot express, so they always
-    take the eager path; so does `output_attentions`. Returned weights are the ones applied to the values.
-    """
-    dropout = module.attention_dropout if module.training else 0.0
-    pre_softmax, post_softmax = module.talking_heads_pre_softmax, module.talking_heads_post_softmax
-    if pre_softmax is None and not output_attentions and module.config._attn_implementation != "eager":
-        # Every token may attend to every other: SDPA must never apply a causal mask here.
-        output = F.scaled_dot_product_attention(
-            query, key, value, dropout_p=dropout, is_causal=module.is_causal, scale=module.scaling
-        )
-        return output, None
-    attn_weights = torch.matmul(query, key.transpose(-2, -1)) * module.scaling
-    if pre_softmax is not None:
-        attn_weights = _mix_heads(pre_softmax, attn_weights)
+def talking_heads_attention_forward(
+    module: nn.Module, query, key, value, attention_mask, scaling: float, dropout: float = 0.0, **kwargs
+):
+    """Eager attention with the heads mixed before and after the softmax; same contract as `eager_attention_forward`."""
+    attn_weights = torch.matmul(query, key.transpose(-2, -1)) * scaling
+    attn_weights = _mix_heads(module.talking_heads_pre_softmax, attn_weights)
     attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
-    if post_softmax is not None:
-        attn_weights = _mix_heads(post_softmax, attn_weights)
+    attn_weights = _mix_heads(module.talking_heads_post_softmax, attn_weights)
     attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
-    return torch.matmul(attn_weights, value), attn_weights
+    return torch.matmul(attn_weights, value).transpose(1, 2), attn_weights
+
+
+def _attend(module: nn.Module, query, key, value, output_attentions: bool):
+    """Attention of `(batch, heads, length, head_dim)` tensors; returns `(batch, length, heads, head_dim)` and the
+    weights applied to the values (or `None`).
+
+    Talking heads mix the heads between the matmul and the softmax, which no fused kernel can express, so they always
+    run eagerly whatever `attn_implementation` says; returned maps need eager too. Otherwise the implementation is
+    looked up at every call, so that `model.set_attn_implementation()` takes effect.
+    """
+    if module.talking_heads_pre_softmax is not None:
+        attention_interface = talking_heads_attention_forward
+    elif output_attentions:
+        attention_interface = eager_attention_forward
+    else:
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            module.config._attn_implementation, eager_attention_forward
+        )
+    return attention_interface(
+        module,
+        query,
+        key,
+        value,
+        None,
+        dropout=module.attention_dropout if module.training else 0.0,
+        scaling=module.scaling,
+        is_causal=module.is_causal,
+    )
 
 
 class DWCaiTSelfAttention(nn.Module):
@@ -116,7 +135,7 @@ class DWCaiTSelfAttention(nn.Module):
         qkv = self.qkv(hidden_states).view(batch_size, seq_length, 3, self.num_attention_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         attn_output, attn_weights = _attend(self, query, key, value, output_attentions)
-        attn_output = attn_output.transpose(1, 2).reshape(batch_size, seq_length, hidden_size)
+        attn_output = attn_output.reshape(batch_size, seq_length, hidden_size)
         return self.dropout(self.out_proj(attn_output)), attn_weights
 
 
@@ -152,7 +171,7 @@ class DWCaiTClassAttention(nn.Module):
         key = self._split_heads(self.key(tokens))
         value = self._split_heads(self.value(tokens))
         attn_output, attn_weights = _attend(self, query, key, value, output_attentions)
-        attn_output = attn_output.transpose(1, 2).reshape(class_token.shape)
+        attn_output = attn_output.reshape(class_token.shape)
         return self.dropout(self.out_proj(attn_output)), attn_weights
 
 
@@ -186,7 +205,7 @@ def _layer_scale(config: DWCaiTConfig) -> nn.Module:
     return DWCaiTLayerScale(config) if config.use_layer_scale else nn.Identity()
 
 
-class DWCaiTLayer(nn.Module):
+class DWCaiTLayer(GradientCheckpointingLayer):
     """A pre-norm patch block: self-attention and MLP residual branches with LayerScale and stochastic depth."""
 
     def __init__(self, config: DWCaiTConfig, drop_path: float = 0.0):
@@ -206,7 +225,7 @@ class DWCaiTLayer(nn.Module):
         return hidden_states, attn_weights
 
 
-class DWCaiTClassAttentionLayer(nn.Module):
+class DWCaiTClassAttentionLayer(GradientCheckpointingLayer):
     """A class-attention block: updates the class token from itself and the (fixed) patch tokens."""
 
     def __init__(self, config: DWCaiTConfig):
@@ -248,12 +267,9 @@ class DWCaiTEncoder(nn.Module):
         self.class_attention_layers = nn.ModuleList(
             DWCaiTClassAttentionLayer(config) for _ in range(config.num_class_attention_layers)
         )
+        # Toggled with the rest by `activation_checkpointing_enable()`; the blocks and the shortcuts checkpoint
+        # themselves, so that forward hooks stay outside the recompute and BatchNorm statistics move once.
         self.gradient_checkpointing = False
-
-    def _run(self, layer: nn.Module, *args):
-        if self.gradient_checkpointing and self.training:
-            return self._gradient_checkpointing_func(layer.__call__, *args)
-        return layer(*args)
 
     def forward(
         self,
@@ -268,8 +284,7 @@ class DWCaiTEncoder(nn.Module):
         for group_index, (start, end) in enumerate(self.groups):
             group_input = hidden_states
             for index in range(start, end):
-                # The block is checkpointed here; the shortcut checkpoints itself without moving BatchNorm twice.
-                hidden_states, attn_weights = self._run(self.layers[index], hidden_states, output_attentions)
+                hidden_states, attn_weights = self.layers[index](hidden_states, output_attentions)
                 if all_attentions is not None:
                     all_attentions = all_attentions + (attn_weights,)
                 if output_hidden_states and index != end - 1:
@@ -281,7 +296,7 @@ class DWCaiTEncoder(nn.Module):
                 all_hidden_states = all_hidden_states + (hidden_states,)
 
         for layer in self.class_attention_layers:
-            class_token, attn_weights = self._run(layer, hidden_states, class_token, output_attentions)
+            class_token, attn_weights = layer(hidden_states, class_token, output_attentions)
             if all_attentions is not None:
                 all_attentions = all_attentions + (attn_weights,)
             if output_hidden_states:
