@@ -18,6 +18,7 @@ import shlex
 import sys
 import time
 
+import numpy as np
 import torch
 import transformers
 from torchvision.transforms import v2
@@ -33,6 +34,7 @@ from dwvit.training.augmentation import (
     build_eval_transform,
     sample_crop_steps,
 )
+from dwvit.training import run_control
 from dwvit.training.checkpointing import latest_complete_checkpoint
 from dwvit.models.configuration_dwvit import to_pair
 from dwvit.training.data import (
@@ -47,6 +49,7 @@ from dwvit.training.data import (
     without_decoding,
 )
 from dwvit.models.image_processing import DATASET_STATISTICS
+from dwvit.training.distributed import local_main_process_first, same_on_every_rank
 from dwvit.training.redaction import redact_argv, redact_mapping
 from dwvit.training.arguments import (
     DataArguments,
@@ -58,6 +61,7 @@ from dwvit.training.trainer import DWTrainer, prepare_torch_compile
 from dwvit.training.arguments import parse_config_overrides, parse_floats
 from dwvit.training.callbacks import SetEpochCallback, TrainingClock
 from dwvit.training.metrics import make_compute_metrics
+from dwvit.training.validation import check_arguments, check_eval_labels
 
 logger = logging.getLogger("run_image_classification")
 
@@ -136,7 +140,11 @@ def normalisation(data_args: DataArguments, spec):
 def scan_split(dataset, image_column: str, data_args, cache_dir):
     """Decode a split once (or read the cached result): its unreadable images and, if kept, its decoded images."""
     started = time.perf_counter()
-    scan = scan_images(dataset, image_column, cache_dir=cache_dir, keep_images=data_args.decoded_image_cache)
+    # Several processes: each machine's first one decodes and caches, the others read its cache; all must then
+    # leave out the same images, or their samplers would shard different datasets.
+    with local_main_process_first():
+        scan = scan_images(dataset, image_column, cache_dir=cache_dir, keep_images=data_args.decoded_image_cache)
+    same_on_every_rank([index for index, _, _ in scan.unreadable], "which images are unreadable")
     logger.info(
         "Images of %d rows %s in %.1f s%s.", len(dataset), "read from the decoding cache" if scan.from_cache else "decoded",
         time.perf_counter() - started, " (kept decoded)" if scan.images is not None else "",
@@ -145,18 +153,28 @@ def scan_split(dataset, image_column: str, data_args, cache_dir):
 
 
 def write_predictions(path, trainer, dataset, raw, image_column, id2label):
-    output = trainer.predict(dataset, metric_key_prefix="predict")
+    # Labels from the split itself: an unlabelled split (-1) is predicted without labels, loss or accuracy.
+    labels = dataset.labels[np.asarray(dataset.indices, dtype=np.int64)]
+    compute_metrics = trainer.compute_metrics
+    trainer.compute_metrics = None if (labels < 0).any() else compute_metrics
+    try:
+        output = trainer.predict(dataset, metric_key_prefix="predict")
+    finally:
+        trainer.compute_metrics = compute_metrics
     logits = torch.from_numpy(output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions)
     probabilities = logits.float().softmax(-1)
     scores, predicted = probabilities.max(-1)
-    paths = raw[image_column] if trainer.is_world_process_zero() else []
+    if not trainer.is_world_process_zero():
+        return output.metrics  # every process holds the gathered predictions; one writes them
+    paths = raw[image_column]
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["index", "path", "label", "predicted_label", "score"])
-        for index, (label, prediction, score) in enumerate(zip(output.label_ids, predicted, scores)):
+        for index, (label, prediction, score) in enumerate(zip(labels, predicted, scores)):
             cell = paths[index] if index < len(paths) else None
             image_path = cell.get("path") if isinstance(cell, dict) else None
-            writer.writerow([index, image_path or "", id2label[int(label)], id2label[int(prediction)], f"{score:.6f}"])
+            name = id2label[int(label)] if label >= 0 else ""
+            writer.writerow([index, image_path or "", name, id2label[int(prediction)], f"{score:.6f}"])
     return output.metrics
 
 
@@ -184,6 +202,7 @@ def print_summary(metrics: dict, num_parameters: int, output_dir: str, model_typ
     print("\n".join(lines))
 
 
+@run_control.releases_run_locks
 def main(args: list[str] | None = None, callbacks: list | None = None) -> dict:
     """Run the job; `args` as on the command line (or one JSON/YAML file), `callbacks` extra TrainerCallbacks."""
     model_args, data_args, training_args = parse_args(args)
@@ -195,6 +214,11 @@ def main(args: list[str] | None = None, callbacks: list | None = None) -> dict:
     transformers.set_seed(training_args.seed)
     command = "python run_image_classification.py " + shlex.join(redact_argv(sys.argv[1:] if args is None else args))
     logger.info("Command: %s", command)
+    check_arguments(model_args, data_args, training_args)
+    # Lock the output folder; refuse to resume a run with other arguments; a finished run is not trained again.
+    run = run_control.begin(model_args, data_args, training_args, command)
+    if run.finished_metrics is not None:
+        return run.finished_metrics
 
     # Data: resolve, pick columns and splits, drop or refuse unreadable images.
     spec = known_dataset(data_args.dataset_name)
@@ -213,6 +237,8 @@ def main(args: list[str] | None = None, callbacks: list | None = None) -> dict:
         train_raw = train_raw.shuffle(seed=training_args.seed).select(range(data_args.max_train_samples))
     if data_args.max_eval_samples is not None and data_args.max_eval_samples < len(eval_raw):
         eval_raw = eval_raw.shuffle(seed=training_args.seed).select(range(data_args.max_eval_samples))
+    if training_args.do_eval or training_args.do_predict:  # before training, not at its first evaluation
+        check_eval_labels(eval_raw, label_column, labels, eval_split, scored=training_args.do_eval)
     train_raw = without_decoding(train_raw, image_column)
     eval_raw = without_decoding(eval_raw, image_column)
     # One decoding pass per split (cached by fingerprint) finds unreadable images and keeps the decoded ones.
@@ -329,6 +355,7 @@ def main(args: list[str] | None = None, callbacks: list | None = None) -> dict:
             json.dump(redact_mapping(run_info), handle, indent=2)
         metrics["num_parameters"] = num_parameters
         print_summary(metrics, num_parameters, training_args.output_dir, config.model_type)
+    run.finish(trainer)
     return metrics
 
 

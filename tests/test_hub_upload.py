@@ -107,3 +107,16 @@ def test_refuses_folder_with_pickle_weights(trained_folder, tmp_path):
     with pytest.raises(ValueError, match=r"pickle weights \(pytorch_model\.bin\)"):
         hub_upload.main([str(folder), "--repo_id", "a/b", "--dry_run", "--staging_dir", str(tmp_path / "s")])
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_damaged_weights_are_refused_naming_the_file(trained_folder, tmp_path, damage):
+    folder = tmp_path / "damaged"
+    shutil.copytree(trained_folder, folder, ignore=shutil.ignore_patterns("checkpoint-*", "runs"))
+    weights = folder / "model.safetensors"
+    with open(weights, "r+b") as handle:
+        handle.truncate(weights.stat().st_size // 2 if damage == "truncated" else 0)
+    with pytest.raises(ValueError, match=r"model\.safetensors.*(truncated|0 bytes)"):
+        hub_upload.main([str(folder), "--repo_id", "someone/dwvit-test", "--dry_run",
+                         "--staging_dir", str(tmp_path / "staged")])
+    assert not (tmp_path / "staged").exists() or not any((tmp_path / "staged").iterdir())

@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     create.add_argument("--num-labels", type=int, default=10)
     create.add_argument("--dataset", default="imagenet", help="normalisation statistics: cifar10, cifar100, imagenet")
     create.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
+    create.add_argument("--overwrite", action="store_true", help="replace output_dir if it already holds files")
     args = parser.parse_args(argv)
 
     if args.command == "sizes":
@@ -52,11 +53,35 @@ def main(argv: list[str] | None = None) -> int:
                   f"{fields.get('patch_size', ''):>5} {params / 1e6:>19.2f}M")
         return 0
 
-    model = dwvit.create_model(args.name, num_labels=args.num_labels, **parse_overrides(args.overrides))
-    model.save_pretrained(args.output_dir)
-    dwvit.make_image_processor(model.config.image_size, dataset=args.dataset).save_pretrained(args.output_dir)
+    try:
+        model = create_folder(args)
+    except (FileExistsError, ValueError) as error:
+        create.error(str(error))
     print(f"saved {args.name} ({sum(p.numel() for p in model.parameters()):,} parameters) to {args.output_dir}")
     return 0
+
+
+def create_folder(args):
+    """Check everything, build the folder beside `output_dir` and rename it into place: whole or nothing."""
+    from pathlib import Path
+
+    import dwvit
+    from dwvit.folders import save_folder_whole
+    from dwvit.models.image_processing import DATASET_STATISTICS
+    from dwvit.training.validation import check_config_fields
+
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())) and not args.overwrite:
+        raise FileExistsError(f"{output_dir} already holds files; pass --overwrite to replace them.")
+    if args.dataset not in DATASET_STATISTICS:
+        raise ValueError(f"Unknown --dataset {args.dataset!r}; choose one of: {', '.join(DATASET_STATISTICS)}.")
+    overrides = parse_overrides(args.overrides)
+    check_config_fields(dwvit.NAMED_SIZES[args.name][0], overrides, where="--set")
+    model = dwvit.create_model(args.name, num_labels=args.num_labels, **overrides)
+    processor = dwvit.make_image_processor(model.config.image_size, dataset=args.dataset)
+
+    save_folder_whole(output_dir, model, processor, purpose="creating")
+    return model
 
 
 if __name__ == "__main__":

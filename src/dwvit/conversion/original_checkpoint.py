@@ -14,8 +14,6 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import shutil
-import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +22,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
+from ..folders import save_folder_whole
 from .original_keys import _SIZE_SECTIONS, ORIGINAL_MODEL_TYPES, convert_original_state_dict
 
 # DATA.DATASET of the original code -> the normalisation statistics its evaluation transform used.
@@ -253,27 +252,7 @@ def convert_original_checkpoint(
         model.config.image_size, image_mean=image_mean, image_std=image_std, dataset=dataset
     )
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.converting-", dir=output_dir.parent))
-    retired = None
-    try:
-        model.save_pretrained(staging)
-        image_processor.save_pretrained(staging)
-        if output_dir.exists():
-            # A folder cannot be renamed over a non-empty one: move the old one aside first, back on failure.
-            retired = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.replaced-", dir=output_dir.parent))
-            os.replace(output_dir, retired / output_dir.name)
-        os.replace(staging, output_dir)
-    except BaseException:
-        if retired is not None and not output_dir.exists() and (retired / output_dir.name).exists():
-            os.replace(retired / output_dir.name, output_dir)
-        shutil.rmtree(staging, ignore_errors=True)
-        if retired is not None:
-            shutil.rmtree(retired, ignore_errors=True)
-        raise
-    if retired is not None:
-        shutil.rmtree(retired, ignore_errors=True)
-    return output_dir
+    return save_folder_whole(output_dir, model, image_processor, purpose="converting")
 
 
 __all__ = [

@@ -3,20 +3,23 @@ with the paper's recipe as defaults, and the parser that reads a recipe file fol
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import logging
+import os
 import re
 import sys
 from dataclasses import dataclass, field
 
-import torch
 from transformers import HfArgumentParser, TrainingArguments
 
 from .argument_files import arguments_from_file, is_argument_file
 from .augmentation import AugmentationConfig
+from .distributed import decide_mixed_precision, runs_on_cpu
 from ..models.image_processing import DATASET_STATISTICS
 from .redaction import TokenFreePickle
 from ..models.sizes import NAMED_SIZES
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -147,7 +150,10 @@ class ImageClassificationTrainingArguments(TokenFreePickle, TrainingArguments):
     remove_unused_columns: bool = field(default=False)
     mixed_precision: str = field(
         default="auto",
-        metadata={"help": "'auto': bf16 where the GPU has it, else fp16 on GPUs, none on CPU; or 'no', 'bf16', 'fp16'."},
+        metadata={
+            "help": "'auto': bf16 where the GPU has it, else fp16 on GPUs; on CPUs bf16 only with native bf16 "
+            "(AVX512-BF16/AMX), else float32; or 'no', 'bf16', 'fp16' (GPUs). See docs/distributed.md."
+        },
     )
     max_train_minutes: float | None = field(
         default=None,
@@ -159,6 +165,38 @@ class ImageClassificationTrainingArguments(TokenFreePickle, TrainingArguments):
     auto_resume: bool = field(
         default=True, metadata={"help": "Resume from the last checkpoint in output_dir when there is one."}
     )
+    # Run control (dwvit.training.run_control, docs/reliability.md).
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start over in an output_dir holding a run: its checkpoints are deleted, its record replaced."},
+    )
+    resume_changed_arguments: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume a run in output_dir although arguments that change what is computed differ from its "
+            "saved ones (e.g. a longer --num_train_epochs); the differences are logged and recorded."
+        },
+    )
+
+    def __post_init__(self):
+        # Both decisions must be made before transformers sets up the process group (in its __post_init__), and
+        # it overwrites `mixed_precision` there (from ACCELERATE_MIXED_PRECISION, else "no"), so the flag is read
+        # first and written back after.
+        self.use_cpu = runs_on_cpu(self.use_cpu)
+        requested = self.mixed_precision
+        env_choice = os.environ.get("ACCELERATE_MIXED_PRECISION")
+        if self.bf16 or self.fp16:
+            explicit = "bf16" if self.bf16 else "fp16"
+            if requested not in ("auto", explicit):
+                raise ValueError(f"--{explicit} contradicts --mixed_precision {requested}; give one of them.")
+            requested = explicit
+        resolved = decide_mixed_precision(requested, self.use_cpu, env_choice)
+        self.bf16, self.fp16 = resolved == "bf16", resolved == "fp16"
+        super().__post_init__()
+        if env_choice not in (None, "no", resolved) and requested != "auto":
+            logger.warning("ACCELERATE_MIXED_PRECISION=%s is overridden by --mixed_precision %s.", env_choice, resolved)
+        self.mixed_precision = resolved
+        self.requested_mixed_precision = requested
 
 
 def parse_args(args: list[str] | None = None):
@@ -180,16 +218,9 @@ def parse_args(args: list[str] | None = None):
 
 
 def resolve_mixed_precision(training_args: ImageClassificationTrainingArguments) -> ImageClassificationTrainingArguments:
-    choice = training_args.mixed_precision
-    if choice not in ("auto", "no", "bf16", "fp16"):
-        raise ValueError(f"mixed_precision must be one of 'auto', 'no', 'bf16', 'fp16'; got {choice!r}.")
-    if training_args.bf16 or training_args.fp16 or choice == "no":
-        return training_args
-    if choice == "auto":
-        if not torch.cuda.is_available():
-            return training_args
-        choice = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return dataclasses.replace(training_args, bf16=choice == "bf16", fp16=choice == "fp16")
+    """The arguments unchanged: `--mixed_precision` is resolved when they are built (their `__post_init__`,
+    see `dwvit.training.distributed.decide_mixed_precision`); kept for callers of the earlier API."""
+    return training_args
 
 
 def parse_config_overrides(text: str | None) -> dict:

@@ -383,6 +383,8 @@ class ImageBatchCollator:
         if pixels.dtype != torch.uint8:
             raise ValueError(f"ImageBatchCollator expects uint8 pixel_values; got {pixels.dtype}.")
         if "sample_seed" not in samples[0]:
+            if (labels < 0).any():  # unlabelled images (-1), only ever predicted: the model gets no labels
+                return {"pixel_values": normalize(pixels, self.mean, self.std)}
             return {"pixel_values": normalize(pixels, self.mean, self.std), "labels": labels}
         batch_seed = hash(tuple(sample["sample_seed"] for sample in samples)) % (2**63 - 1)
         with torch.random.fork_rng(devices=[]):

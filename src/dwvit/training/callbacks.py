@@ -9,6 +9,8 @@ import time
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from .distributed import rank_zero_decides
+
 
 class SetEpochCallback(TrainerCallback):
     """Tells the training dataset the epoch, for its per-sample augmentation seeds.
@@ -29,7 +31,8 @@ class TrainingClock(TrainerCallback, ExportableState):
     The time so far is saved in every checkpoint (`trainer_state.json`, `stateful_callbacks`) and picked up on
     resume, so a run killed and resumed still stops at its budget. Each evaluation's and training-loss log entry
     gets `train_minutes`, which is what accuracy-against-time curves are drawn from. With `budget_minutes` set,
-    training stops (with an evaluation and a checkpoint where the run has them) at the first step past it.
+    training stops (with an evaluation and a checkpoint where the run has them) at the first step past it; with
+    several processes, at the first step past it on rank 0's clock, on every rank.
     """
 
     def __init__(self, budget_minutes: float | None = None):
@@ -55,7 +58,11 @@ class TrainingClock(TrainerCallback, ExportableState):
         self.started = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.budget_minutes is not None and self.elapsed_minutes() >= self.budget_minutes:
+        # Under data parallelism rank 0's clock decides for all: a rank stopping alone would leave the others
+        # waiting forever in the next step's gradient all-reduce.
+        if self.budget_minutes is not None and rank_zero_decides(
+            self.elapsed_minutes() >= self.budget_minutes, args.device
+        ):
             control.should_training_stop = True
             control.should_evaluate = args.eval_strategy != "no"
             control.should_save = args.save_strategy != "no"

@@ -28,6 +28,8 @@ import shutil
 import zipfile
 from pathlib import Path
 
+from .distributed import rank_zero_value
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -430,4 +432,6 @@ class AtomicCheckpointMixin:
             )
             if resume_from_checkpoint is None:
                 raise ValueError(f"No complete checkpoint found in output directory ({self.args.output_dir})")
+        # Each rank checked the folder itself; they must all resume from the same step (rank 0's choice).
+        resume_from_checkpoint = rank_zero_value(resume_from_checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)

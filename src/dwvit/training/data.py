@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from PIL import Image as PILImage
 
+from .distributed import unique_suffix
+
 logger = logging.getLogger(__name__)
 
 
@@ -300,7 +302,7 @@ def scan_images(dataset, image_column: str, cache_dir: str | os.PathLike | None 
                 if int(np.prod(shape)) > max_decoded_bytes:
                     keep_images = False
                 elif cache_path is not None:
-                    staging = f"{cache_path}.u8.tmp-{os.getpid()}"
+                    staging = f"{cache_path}.u8.tmp-{unique_suffix()}"
                     store = np.memmap(staging, dtype=np.uint8, mode="w+", shape=shape)
                 else:
                     store = np.zeros(shape, dtype=np.uint8)
@@ -324,7 +326,7 @@ def scan_images(dataset, image_column: str, cache_dir: str | os.PathLike | None 
         os.remove(staging)
     if cache_path is not None:
         meta = {"num_rows": num_rows, "unreadable": unreadable, "shape": list(shape) if images is not None else None}
-        temporary = f"{cache_path}.json.tmp-{os.getpid()}"
+        temporary = f"{cache_path}.json.tmp-{unique_suffix()}"
         with open(temporary, "w") as handle:
             json.dump(meta, handle)
         os.replace(temporary, f"{cache_path}.json")

@@ -8,9 +8,12 @@ import torch
 from transformers import Trainer
 
 from .checkpointing import AtomicCheckpointMixin
+from .distributed import any_rank, broadcast_buffers_from_rank_zero
 from .optim import decay_parameter_names
 
 logger = logging.getLogger(__name__)
+
+NON_FINITE_STEPS_TOLERATED_UNDER_FP16 = 10  # in a row: the scaler has then gone from 65536 down to 64
 
 
 class DWTrainer(AtomicCheckpointMixin, Trainer):
@@ -21,6 +24,13 @@ class DWTrainer(AtomicCheckpointMixin, Trainer):
     `Trainer`.
     """
 
+    def evaluation_loop(self, *args, **kwargs):
+        # Each rank evaluates the unwrapped model, whose BatchNorm statistics it last updated from its own batch
+        # (DDP hands rank 0's to the others only as a training forward starts): all take rank 0's, the saved ones,
+        # so the gathered metrics are those of the saved model.
+        broadcast_buffers_from_rank_zero(self.model)
+        return super().evaluation_loop(*args, **kwargs)
+
     def get_decay_parameter_names(self, model) -> list[str]:
         """Decay parameters with 2+ dimensions outside `model.no_weight_decay()`, as timm and the original code do.
 
@@ -28,6 +38,31 @@ class DWTrainer(AtomicCheckpointMixin, Trainer):
         and relative-position bias tables (see `dwvit.training.optim`). The stock rule, by names, decays the last four.
         """
         return decay_parameter_names(model)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """The stock step, stopping the run at a loss that is not finite.
+
+        The stock Trainer logs such steps as the running mean (`logging_nan_inf_filter`) and keeps going, so a run
+        can end with exit 0 and meaningless weights. The check comes after the backward pass and before the optimizer
+        step, so no weights of the broken step are written and the newest checkpoint is from before it.
+        """
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # Decided over all ranks (one all-reduce of a flag): a rank stopping alone would leave the others waiting
+        # in the next gradient all-reduce.
+        finite_here = bool(torch.isfinite(loss).all())
+        finite = not any_rank(not finite_here, self.args.device)
+        # Under fp16 the gradient scaler skips a step with non-finite gradients and lowers its scale, so isolated
+        # overflows are survivable; without it the next optimizer step makes every weight NaN.
+        self._non_finite_steps = 0 if finite else getattr(self, "_non_finite_steps", 0) + 1
+        if self._non_finite_steps > (NON_FINITE_STEPS_TOLERATED_UNDER_FP16 if self.args.fp16 else 0):
+            raise FloatingPointError(
+                f"Training stopped: non-finite training loss "
+                f"({loss.float().mean().item() if not finite_here else 'on another process'}) at step "
+                f"{self.state.global_step + 1} (epoch {self.state.epoch or 0:.2f}). Nothing of this step was saved. "
+                "Usual causes: a learning rate too high, --image_std near 0, fp16 overflow (try --mixed_precision "
+                "bf16 or no)."
+            )
+        return loss
 
 
 def prepare_torch_compile(args) -> bool:

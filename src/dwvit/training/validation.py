@@ -1,0 +1,96 @@
+"""Checks of the job's inputs made before anything is trained, each naming the problem and the expected value."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .arguments import parse_floats
+
+
+def check_arguments(model_args, data_args, training_args) -> None:
+    """Refuse values that would train nothing or train on NaNs, rather than failing (or not) much later."""
+    from ..models.sizes import NAMED_SIZES
+    from .arguments import parse_config_overrides
+
+    if model_args.model_name_or_path is None and model_args.model_name in NAMED_SIZES:
+        check_config_fields(NAMED_SIZES[model_args.model_name][0], parse_config_overrides(model_args.config_overrides),
+                            where="--config_overrides")
+    elif model_args.model_name_or_path is not None and os.path.isdir(model_args.model_name_or_path):
+        check_weight_files(model_args.model_name_or_path)
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        value = getattr(training_args, name, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be a whole number >= 1; got {value}.")
+    for name in ("max_train_samples", "max_eval_samples"):
+        value = getattr(data_args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be >= 1 (or left out for the whole split); got {value}.")
+    std = parse_floats(data_args.image_std, name="image_std")
+    if std is not None and not all(math.isfinite(value) and value > 0 for value in std):
+        raise ValueError(
+            f"--image_std must be three finite numbers > 0 (images are divided by it; e.g. 0.5,0.5,0.5); got {std}."
+        )
+    mean = parse_floats(data_args.image_mean, name="image_mean")
+    if mean is not None and not all(math.isfinite(value) for value in mean):
+        raise ValueError(f"--image_mean must be three finite numbers (e.g. 0.5,0.5,0.5); got {mean}.")
+
+
+def check_eval_labels(dataset, label_column: str, label_names: list[str], split: str, scored: bool) -> None:
+    """Every label of the evaluation split must be one of the training labels (0..N-1), checked before training.
+
+    Unlabelled rows (-1, as `datasets` marks a missing ClassLabel) can be predicted (--do_predict) but not
+    scored (--do_eval).
+    """
+    values = np.unique(np.asarray(dataset[label_column], dtype=np.int64))
+    allowed = (values >= 0) & (values < len(label_names))
+    if not scored:
+        allowed |= values == -1
+    bad = values[~allowed]
+    if bad.size:
+        shown = ", ".join(str(value) for value in bad[:20]) + (", ..." if bad.size > 20 else "")
+        unlabelled = " (-1: unlabelled; such a split can be predicted with --do_predict, not evaluated)" if (bad == -1).any() else ""
+        raise ValueError(
+            f"The evaluation split {split!r} holds labels {shown} in column {label_column!r}, outside the training "
+            f"label set 0..{len(label_names) - 1} ({len(label_names)} classes){unlabelled}. Evaluate on a split "
+            "with the training set's labels, or name another with --eval_split."
+        )
+
+
+def check_config_fields(config_class, overrides: dict, where: str = "config override") -> None:
+    """Refuse override keys that are no field of `config_class` (a config would silently store them), suggesting
+    the closest field names."""
+    import difflib
+    import inspect
+
+    from transformers import PretrainedConfig
+
+    known = set(config_class().to_dict())
+    known |= {name for name in dir(config_class) if isinstance(getattr(config_class, name, None), property)}
+    for cls in (config_class, PretrainedConfig):
+        known |= {name for name, parameter in inspect.signature(cls.__init__).parameters.items()
+                  if parameter.kind not in (parameter.VAR_KEYWORD, parameter.VAR_POSITIONAL) and name != "self"}
+    unknown = [name for name in overrides if name not in known]
+    if unknown:
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, sorted(known), n=3)
+            hints.append(f"{name!r}" + (f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""))
+        raise ValueError(
+            f"Unknown {where} field(s) for {config_class.__name__}: {', '.join(hints)}; a config would store "
+            "them unused. See the config class's documentation for its fields."
+        )
+
+
+def check_weight_files(folder) -> None:
+    """Refuse a model folder whose safetensors weights are truncated or empty, naming each file (safetensors
+    itself says only "header too small" or "file not fully covered", without the file)."""
+    from .checkpointing import safetensors_problems
+
+    problems = [f"{path}: {problem.split(': ', 1)[-1]}" for path in sorted(Path(folder).glob("*.safetensors"))
+                for problem in safetensors_problems(path)]
+    if problems:
+        raise ValueError(f"The model folder {folder} holds damaged weights: {'; '.join(problems)}.")
