@@ -28,7 +28,8 @@ then stops it at the budget in any case. The plan is saved beside the run's chec
 A `budget_reference_minutes` budget is converted to minutes on this machine from its reference speed, measured
 first (`reference_speed.py`); the plan records both. Every segment of a run (its start and each resume) measures
 the reference speed too, so a results JSON says how fast each machine that ran it was.
-Runs live in `runs/<study>/<name>` (checkpoints, never committed; the job resumes from the newest complete one) and
+Runs live in `runs/<study>/<name>` (checkpoints, never committed; the job resumes from the newest complete one; a
+study file's `runs_root` puts them elsewhere, e.g. outside the checkout for a study that outlives a session) and
 results in `studies/results/<study>/<name>.json` (written whole or not at all).
 """
 
@@ -238,13 +239,25 @@ def _last_value(arguments: list[str], flag: str, default):
     return value
 
 
+def runs_root(given: str | None, study: dict) -> Path:
+    """The folder of the runs' checkpoints: `--runs_root`, else the study file's `runs_root` (`~` expanded), else
+    `runs/` in the checkout. A study that outlives a session keeps its checkpoints outside the checkout, which a new
+    session may lay down afresh."""
+    if given:
+        return Path(given)
+    if study.get("runs_root"):
+        return Path(os.path.expanduser(str(study["runs_root"])))
+    return REPO_ROOT / "runs"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("study", help="A study file, e.g. studies/cifar10_hour.yaml.")
     parser.add_argument("--only", nargs="+", help="Run only these runs (by name), in the study's order.")
     parser.add_argument("--dry_run", action="store_true", help="Print the commands without running anything.")
     parser.add_argument("--results_root", default=str(REPO_ROOT / "studies" / "results"))
-    parser.add_argument("--runs_root", default=str(REPO_ROOT / "runs"))
+    parser.add_argument("--runs_root", default=None,
+                        help="Where runs keep their checkpoints: the study file's runs_root, else runs/ in the checkout.")
     args = parser.parse_args()
     study = yaml.safe_load(Path(args.study).read_text())
     names = [run["name"] for run in study["runs"]]
@@ -252,7 +265,7 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"Unknown run(s) {unknown}; {args.study} has: {', '.join(names)}.")
     results_dir = Path(args.results_root) / study["study"]
-    runs_dir = Path(args.runs_root) / study["study"]
+    runs_dir = runs_root(args.runs_root, study) / study["study"]
     for run in study["runs"]:
         if args.only and run["name"] not in args.only:
             continue

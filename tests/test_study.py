@@ -35,6 +35,18 @@ def test_reference_minutes_become_minutes_here():
         minutes_here(60, 0.0)
 
 
+def test_a_study_file_can_keep_its_runs_outside_the_checkout(tmp_path):
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump({"study": "far", "runs_root": str(tmp_path / "elsewhere"),
+                                     "runs": [{"name": "dw", "recipe": "recipes/cpu/cifar10_long.yaml"}]}))
+    command = [sys.executable, str(REPO_ROOT / "studies" / "run_study.py"), str(study), "--dry_run"]
+    shown = subprocess.run(command, check=True, cwd=REPO_ROOT, capture_output=True, text=True).stdout
+    assert f"--output_dir {tmp_path / 'elsewhere' / 'far' / 'dw'}" in shown
+    overridden = subprocess.run(command + ["--runs_root", str(tmp_path / "given")], check=True, cwd=REPO_ROOT,
+                                capture_output=True, text=True).stdout
+    assert f"--output_dir {tmp_path / 'given' / 'far' / 'dw'}" in overridden
+
+
 def test_step_time_is_the_steady_state_one():
     # Logged at steps 10, 20, 30, 40; the first 10 steps took 0.5 min (start-up), then 0.1 min per 10 steps.
     log_history = [
