@@ -65,12 +65,9 @@ def check_folder(folder: Path) -> list[Path]:
         raise ValueError(f"{folder} holds no model weights (*.safetensors); nothing to publish.")
     if not (folder / "config.json").is_file():
         raise ValueError(f"{folder} has no config.json; it is not a saved model folder.")
-    from dwvit.training.checkpointing import safetensors_problems
+    from dwvit.training.validation import check_weight_files
 
-    # A truncated or empty weights file would publish a model nobody can load.
-    problems = [problem for path in weights for problem in safetensors_problems(path)]
-    if problems:
-        raise ValueError(f"{folder} holds weights that do not load: {'; '.join(problems)}. Re-save or re-train them.")
+    check_weight_files(folder)  # a truncated or empty weights file would publish a model nobody can load
     return weights
 
 

@@ -55,7 +55,6 @@ from dwvit.training.arguments import (
     DataArguments,
     ModelArguments,
     parse_args,
-    resolve_mixed_precision,
 )
 from dwvit.training.trainer import DWTrainer, prepare_torch_compile
 from dwvit.training.arguments import parse_config_overrides, parse_floats
@@ -206,7 +205,6 @@ def print_summary(metrics: dict, num_parameters: int, output_dir: str, model_typ
 def main(args: list[str] | None = None, callbacks: list | None = None) -> dict:
     """Run the job; `args` as on the command line (or one JSON/YAML file), `callbacks` extra TrainerCallbacks."""
     model_args, data_args, training_args = parse_args(args)
-    training_args = resolve_mixed_precision(training_args)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     log_level = training_args.get_process_log_level()
     logger.setLevel(log_level)

@@ -217,12 +217,6 @@ def parse_args(args: list[str] | None = None):
     return parser.parse_args_into_dataclasses(args=args)
 
 
-def resolve_mixed_precision(training_args: ImageClassificationTrainingArguments) -> ImageClassificationTrainingArguments:
-    """The arguments unchanged: `--mixed_precision` is resolved when they are built (their `__post_init__`,
-    see `dwvit.training.distributed.decide_mixed_precision`); kept for callers of the earlier API."""
-    return training_args
-
-
 def parse_config_overrides(text: str | None) -> dict:
     """`"use_dw_shortcut=false,dw_kernel_sizes=[3,5]"` -> `{"use_dw_shortcut": False, "dw_kernel_sizes": [3, 5]}`.
 
@@ -275,5 +269,4 @@ __all__ = [
     "parse_args",
     "parse_config_overrides",
     "parse_floats",
-    "resolve_mixed_precision",
 ]
