@@ -71,7 +71,7 @@ def test_tiny_study_runs_resumes_and_plots(cifar10_dir, tmp_path):
     study.write_text(yaml.safe_dump({
         "study": "tiny", "data": {"dataset_name": str(cifar10_dir)}, "calibration_steps": 2, "reference_steps": 2,
         "runs": [
-            {"name": "dw", "recipe": str(recipe), "budget_reference_minutes": 0.3},
+            {"name": "dw", "recipe": str(recipe), "budget_reference_minutes": 0.15},
             {"name": "plain", "recipe": str(recipe), "epochs_from": "dw",
              "args": ["--config_overrides", TINY + ",use_dw_shortcut=false"]},
         ],
@@ -87,8 +87,8 @@ def test_tiny_study_runs_resumes_and_plots(cifar10_dir, tmp_path):
     from reference_speed import minutes_here
 
     speed = dw["plan"]["reference"]["reference_images_per_second"]
-    assert speed > 0 and dw["plan"]["budget_reference_minutes"] == 0.3
-    assert dw["plan"]["budget_minutes"] == pytest.approx(minutes_here(0.3, speed), abs=0.01)
+    assert speed > 0 and dw["plan"]["budget_reference_minutes"] == 0.15
+    assert dw["plan"]["budget_minutes"] == pytest.approx(minutes_here(0.15, speed), abs=0.01)
     assert f"--max_train_minutes {dw['plan']['budget_minutes']}" in dw["command"]
     # Every segment records the machine's reference speed (one segment each here: nothing was resumed).
     for result in (dw, plain):

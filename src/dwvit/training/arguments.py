@@ -151,8 +151,8 @@ class ImageClassificationTrainingArguments(TokenFreePickle, TrainingArguments):
     mixed_precision: str = field(
         default="auto",
         metadata={
-            "help": "'auto': bf16 where the GPU has it, else fp16 on GPUs; on CPUs bf16 only with native bf16 "
-            "(AVX512-BF16/AMX), else float32; or 'no', 'bf16', 'fp16' (GPUs). See docs/distributed.md."
+            "help": "'auto': bf16 where the GPU has it, else fp16 on GPUs; float32 on CPUs (bf16 measured slower "
+            "there, see docs/distributed.md); or 'no', 'bf16', 'fp16' (GPUs)."
         },
     )
     max_train_minutes: float | None = field(

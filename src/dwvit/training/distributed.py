@@ -63,8 +63,10 @@ def decide_mixed_precision(choice: str, on_cpu: bool, env_choice: str | None = N
     """`"no"`, `"bf16"` or `"fp16"` for `--mixed_precision choice` on a CPU (`on_cpu`) or accelerator run.
 
     `auto`: an `accelerate launch` config's mixed precision (`env_choice`, ACCELERATE_MIXED_PRECISION) when it
-    asks for one; else bf16 on a CUDA GPU that has it, fp16 on other CUDA GPUs, bf16 on a CPU with native bf16,
-    and float32 everywhere else (a CPU without native bf16 runs bf16 autocast slower than float32).
+    asks for one; else bf16 on a CUDA GPU that has it, fp16 on other CUDA GPUs, and float32 on CPUs: without
+    native bf16, bf16 autocast is emulated and several times slower; with it (AVX512-BF16, AMX), the training step
+    with SDPA attention still measured 1.37x slower than float32, its CPU flash-attention backward in bf16 taking
+    most of the step (docs/distributed.md).
     """
     if choice not in PRECISION_CHOICES:
         raise ValueError(f"mixed_precision must be one of {', '.join(map(repr, PRECISION_CHOICES))}; got {choice!r}.")
@@ -78,7 +80,7 @@ def decide_mixed_precision(choice: str, on_cpu: bool, env_choice: str | None = N
     if env_choice in ("bf16", "fp16") and not (env_choice == "fp16" and on_cpu):
         return env_choice
     if on_cpu:
-        return "bf16" if cpu_has_native_bf16() else "no"
+        return "no"
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "no"
