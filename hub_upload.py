@@ -132,7 +132,7 @@ A Vision Transformer with depth-wise convolution shortcuts (Zhang et al., 2024),
 `dwvit` (Hugging Face-native DW-ViT) on `{dataset_name}` ({len(labels)} classes: {label_list}).
 Model type `{config.get("model_type")}`, image size {config.get("image_size")}, patch size {config.get("patch_size")},
 depth-wise shortcut {"on, kernels " + str(config.get("dw_kernel_sizes")) if config.get("use_dw_shortcut", True) else "off"},
-{run_info.get("num_parameters", "?"):,} parameters.
+{parameter_count(folder, run_info):,} parameters.
 
 ## Results
 
@@ -164,6 +164,24 @@ With `pip install dwvit`, `import dwvit` registers the classes and `trust_remote
 ```
 """
     return redact_text(str(ModelCard(content)))  # values read from the folder could hold a pasted token
+
+
+def parameter_count(folder: Path, run_info: dict) -> int:
+    """The run's recorded parameter count, else the count of the model its config builds.
+
+    A folder from `dwvit create` has no run_info.json; the model is built on the meta device, so no memory is
+    spent on weights and the count is the model's own (BatchNorm statistics and other buffers excluded).
+    """
+    if "num_parameters" in run_info:
+        return int(run_info["num_parameters"])
+    import torch
+    from transformers import AutoConfig, AutoModelForImageClassification
+
+    import dwvit  # noqa: F401  (registers the families with the Auto classes)
+
+    with torch.device("meta"):
+        model = AutoModelForImageClassification.from_config(AutoConfig.from_pretrained(folder))
+    return sum(parameter.numel() for parameter in model.parameters())
 
 
 def _fmt(value) -> str:

@@ -120,3 +120,20 @@ def test_damaged_weights_are_refused_naming_the_file(trained_folder, tmp_path, d
         hub_upload.main([str(folder), "--repo_id", "someone/dwvit-test", "--dry_run",
                          "--staging_dir", str(tmp_path / "staged")])
     assert not (tmp_path / "staged").exists() or not any((tmp_path / "staged").iterdir())
+
+
+def test_a_dwvit_create_folder_stages_with_its_parameter_count(tmp_path):
+    """A folder from `dwvit create` has no run_info.json; the card's count is the saved model's own."""
+    from huggingface_hub import ModelCard
+    from transformers import AutoModelForImageClassification
+
+    from dwvit import cli
+
+    folder = tmp_path / "created"
+    cli.main(["create", "vit-tiny-cifar", str(folder), "--set", "hidden_size=32", "--set", "num_hidden_layers=2",
+              "--set", "num_attention_heads=2", "--set", "intermediate_size=64"])
+    assert not (folder / "run_info.json").exists()
+    staging = hub_upload.main([str(folder), "--repo_id", "someone/created", "--dry_run",
+                               "--staging_dir", str(tmp_path / "staged")])
+    expected = sum(p.numel() for p in AutoModelForImageClassification.from_pretrained(folder).parameters())
+    assert f"{expected:,} parameters." in ModelCard.load(staging / "README.md").text
