@@ -1,11 +1,13 @@
-"""DWViT-Tiny (shortcut on and off) against `transformers`' ViTForImageClassification of the same size.
+"""DWViT-Tiny (shortcut on, on and fused, off) against `transformers`' ViTForImageClassification of the same size.
 
 One process, repetitions interleaved across the models, inference and a full training step (forward,
-cross-entropy, backward, AdamW step), at 224/16 and at 32/4. Ratios are against `transformers`' ViT.
+cross-entropy, backward, AdamW step), at 224/16 and at 32/4, plus the peak memory of a training step. Ratios are
+against `transformers`' ViT and against the same DWViT with the shortcut off (what the shortcut costs).
 
     python benchmarks/bench_vs_transformers.py            # the table
     python benchmarks/bench_vs_transformers.py --quick    # a smoke run
     python benchmarks/bench_vs_transformers.py --profile  # plus a torch.profiler op table per model
+    python benchmarks/bench_vs_transformers.py --bf16     # under bf16 autocast (on the CPU too)
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from bench_utils import (  # noqa: E402
     make_inference_fn,
     make_train_step_fn,
     median,
+    peak_train_memory,
     time_interleaved,
 )
 
@@ -49,6 +52,9 @@ def build_models(image_size: int, patch_size: int, num_labels: int) -> dict[str,
             named_config(name, image_size=image_size, patch_size=patch_size, num_labels=num_labels)
         ),
     }
+
+
+FUSED = "DWViT shortcut on, fused"
 
 
 def ratio_spread(times: list[float], baseline: list[float]) -> str:
@@ -76,16 +82,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler op table per model")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast on the CPU too (CUDA always uses it)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     repeats = args.repeats or (3 if args.quick else 15)
     batch_224 = args.batch_size or (4 if args.quick else 16)
     device, autocast = device_and_autocast(args.device)
-    print(machine_summary(device))
+    if args.bf16:
+        autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731
+    print(machine_summary(device) + (", bf16 autocast" if args.bf16 or device.type == "cuda" else ", float32"))
     print(
         f"interleaved rounds: {repeats}; median seconds per call; ratio = median time / median transformers ViT time; "
-        "IQR = interquartile range of the per-round ratios\n"
+        "IQR = interquartile range of the per-round ratios; 'vs off' = the same against DWViT with the shortcut off "
+        "(the shortcut's cost); memory = peak of one training step\n"
     )
 
     headers = [
@@ -93,8 +103,12 @@ def main() -> None:
         "model",
         "inference ms/batch",
         "inference ratio (IQR)",
+        "inference vs off (IQR)",
         "train step ms/batch",
         "train ratio (IQR)",
+        "train vs off (IQR)",
+        "peak train MB",
+        "memory vs off",
     ]
     rows = []
     for image_size, patch_size, batch_size, num_labels in ((224, 16, batch_224, 1000), (32, 4, 4 * batch_224, 10)):
@@ -107,33 +121,44 @@ def main() -> None:
             kind = "hf"
 
         inference, training = {}, {}
+        fused = DWViTForImageClassification(models["DWViT shortcut on"].config).to(device).eval()
+        fused.load_state_dict(models["DWViT shortcut on"].state_dict())
+        fused.fuse_dw_shortcuts()
         for name, model in models.items():
             model.eval()
             inference[name] = make_inference_fn(_Candidate, model, pixel_values, autocast, device)
+        inference[FUSED] = make_inference_fn(_Candidate, fused, pixel_values, autocast, device)
         infer_times = time_interleaved(inference, repeats)
+        memory = {}
         for name, model in models.items():
             model.train()
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
             training[name] = make_train_step_fn(_Candidate, model, pixel_values, labels, optimizer, autocast, device)
+            training[name]()  # the optimizer state exists before the memory is measured
+            memory[name] = peak_train_memory(training[name], device)
         train_times = time_interleaved(training, repeats)
 
         setting = f"{image_size}/{patch_size}, batch {batch_size}"
-        base_infer = median(infer_times["transformers ViT"])
-        base_train = median(train_times["transformers ViT"])
-        for name in models:
-            infer, train = median(infer_times[name]), median(train_times[name])
-            infer_spread = ratio_spread(infer_times[name], infer_times["transformers ViT"])
-            train_spread = ratio_spread(train_times[name], train_times["transformers ViT"])
-            rows.append(
-                [
-                    setting,
-                    name,
-                    f"{1000 * infer:.1f}",
-                    f"{infer / base_infer:.3f} ({infer_spread})",
+        off = "DWViT shortcut off"
+        for name in [*models, FUSED]:
+            infer = median(infer_times[name])
+            row = [setting, name, f"{1000 * infer:.1f}"]
+            row.append(f"{infer / median(infer_times['transformers ViT']):.3f} "
+                       f"({ratio_spread(infer_times[name], infer_times['transformers ViT'])})")
+            row.append(f"{infer / median(infer_times[off]):.3f} ({ratio_spread(infer_times[name], infer_times[off])})")
+            if name in train_times:
+                train = median(train_times[name])
+                row += [
                     f"{1000 * train:.1f}",
-                    f"{train / base_train:.3f} ({train_spread})",
+                    f"{train / median(train_times['transformers ViT']):.3f} "
+                    f"({ratio_spread(train_times[name], train_times['transformers ViT'])})",
+                    f"{train / median(train_times[off]):.3f} ({ratio_spread(train_times[name], train_times[off])})",
+                    f"{memory[name] / 2**20:.0f}",
+                    f"{memory[name] / memory[off]:.3f}",
                 ]
-            )
+            else:
+                row += ["", "", "", "", ""]
+            rows.append(row)
         if args.profile:
             profile_models(models, training, f"train step {setting}", 25)
             for model in models.values():

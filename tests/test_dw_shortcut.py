@@ -237,3 +237,107 @@ def test_fusion_refuses_a_norm_without_running_statistics_and_the_forward_still_
             shortcut.fuse()
         assert not shortcut.is_fused
         torch.testing.assert_close(shortcut(tokens, 3, 4), expected, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------- the training node that recomputes (issue 20)
+
+
+def hand_running_statistics(tokens, grid, norm, num_prefix_tokens, momentum):
+    """`nn.BatchNorm2d`'s update of the running statistics by one training batch, written out."""
+    batch, _, channels = tokens.shape
+    activated = torch.nn.functional.gelu(tokens[:, num_prefix_tokens:].detach()).reshape(-1, channels)
+    mean, variance = activated.mean(0), activated.var(0, unbiased=True)
+    return (1 - momentum) * norm.running_mean + momentum * mean, (1 - momentum) * norm.running_var + momentum * variance
+
+
+@pytest.mark.parametrize("kernels", [[3], [3, 5, 7]], ids=["k3", "k357"])
+@pytest.mark.parametrize("num_prefix_tokens", [0, 1])
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["ema", "cumulative"])
+def test_training_shortcut_matches_the_hand_computation_in_values_gradients_and_statistics(
+    kernels, num_prefix_tokens, momentum
+):
+    torch.manual_seed(30)
+    shortcut = DepthwiseShortcut(8, kernels).train()
+    randomise_shortcut_statistics(shortcut, torch.Generator().manual_seed(31))
+    for branch in shortcut.branches:
+        branch.norm.momentum = momentum
+        branch.norm.num_batches_tracked.fill_(3)
+    branches = [(branch.norm, branch.conv) for branch in shortcut.branches]
+    tokens = torch.randn(3, num_prefix_tokens + 20, 8, requires_grad=True)
+    block_output = torch.randn(3, num_prefix_tokens + 20, 8, requires_grad=True)
+    weights = torch.randn(3, num_prefix_tokens + 20, 8)
+    tokens_before, block_output_before = tokens.detach().clone(), block_output.detach().clone()
+    factor = momentum if momentum is not None else 1 / 4  # cumulative: 1 / batches seen, 3 before this one
+    expected_statistics = [
+        hand_running_statistics(tokens, (4, 5), norm, num_prefix_tokens, factor) for norm, _ in branches
+    ]
+
+    expected = block_output + hand_shortcut(tokens, (4, 5), branches, True, num_prefix_tokens)
+    expected_grads = torch.autograd.grad((expected * weights).sum(), [tokens, block_output, *shortcut.parameters()])
+    actual = add_shortcut(block_output, shortcut(tokens, 4, 5, num_prefix_tokens), num_prefix_tokens)
+    actual_grads = torch.autograd.grad((actual * weights).sum(), [tokens, block_output, *shortcut.parameters()])
+
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    for got, want in zip(actual_grads, expected_grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert torch.equal(actual_grads[0][:, :num_prefix_tokens], torch.zeros_like(actual_grads[0][:, :num_prefix_tokens]))
+    for branch, (mean, variance) in zip(shortcut.branches, expected_statistics):
+        torch.testing.assert_close(branch.norm.running_mean, mean, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(branch.norm.running_var, variance, atol=1e-6, rtol=1e-5)
+        assert int(branch.norm.num_batches_tracked) == 4
+    # Neither input is written into.
+    assert torch.equal(tokens, tokens_before) and torch.equal(block_output, block_output_before)
+
+
+def test_training_shortcut_keeps_no_activation_sized_tensor_for_backward():
+    """Autograd holds only the input (a view of the block input, which the block keeps) and per-channel batch
+    statistics: the GELU and BatchNorm outputs are recomputed in backward instead of kept for the whole step."""
+    from test_dwvit import saved_activation_bytes
+
+    shortcut = DepthwiseShortcut(48, [3, 5]).train()
+    tokens = torch.randn(4, 1 + 64, 48, requires_grad=True)
+    statistics_bytes = 2 * 2 * 48 * 4  # mean and inverse deviation per branch
+    assert saved_activation_bytes(shortcut, tokens, 8, 8, 1) <= tokens.numel() * 4 + statistics_bytes
+
+
+def test_a_hook_on_the_norm_sees_its_output_and_the_result_is_unchanged():
+    """Hooks read what a module returns: with one on a branch's norm the shortcut calls its modules."""
+    torch.manual_seed(32)
+    shortcut = DepthwiseShortcut(8, [3, 5]).train()
+    hooked = copy.deepcopy(shortcut)
+    seen = []
+    hooked.branches[1].norm.register_forward_hook(lambda module, args, output: seen.append((args[0], output)))
+    tokens = torch.randn(2, 1 + 12, 8, requires_grad=True)
+    plain = shortcut(tokens, 3, 4, 1)
+    observed = hooked(tokens, 3, 4, 1)
+    torch.testing.assert_close(observed, plain, atol=1e-6, rtol=1e-6)
+    ((activated, output),) = seen
+    assert torch.equal(activated, torch.nn.functional.gelu(tokens[:, 1:]).reshape(2, 3, 4, 8).permute(0, 3, 1, 2))
+    norm = hooked.branches[1].norm
+    expected = torch.nn.functional.batch_norm(activated, None, None, norm.weight, norm.bias, training=True)
+    torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-5)
+    grads = torch.autograd.grad(plain.square().sum(), tokens)[0]
+    torch.testing.assert_close(torch.autograd.grad(observed.square().sum(), tokens)[0], grads, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "activation", [torch.nn.Identity(), torch.nn.GELU(approximate="tanh")], ids=["identity", "gelu-tanh"]
+)
+def test_the_module_in_the_activation_slot_is_what_the_training_shortcut_applies(activation):
+    torch.manual_seed(33)
+    shortcut = DepthwiseShortcut(8, [3]).train()
+    shortcut.activation = activation
+    norm, conv = shortcut.branches[0].norm, shortcut.branches[0].conv
+    tokens = torch.randn(2, 1 + 12, 8, requires_grad=True)
+    grid = tokens[:, 1:].reshape(2, 3, 4, 8).permute(0, 3, 1, 2)
+    normalized = torch.nn.functional.batch_norm(activation(grid), None, None, norm.weight, norm.bias, training=True)
+    expected = torch.nn.functional.conv2d(normalized, conv.weight, conv.bias, padding=1, groups=8)
+    expected = expected.permute(0, 2, 3, 1).reshape(2, 12, 8)
+    actual = shortcut(tokens, 3, 4, 1)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    weights = torch.randn_like(expected)
+    torch.testing.assert_close(
+        torch.autograd.grad((actual * weights).sum(), tokens)[0],
+        torch.autograd.grad((expected * weights).sum(), tokens)[0],
+        atol=1e-5, rtol=1e-4,
+    )  # fmt: skip

@@ -13,6 +13,14 @@ import torch.utils.checkpoint
 from torch import nn
 from transformers import initialization as init
 
+from .dw_shortcut_autograd import (
+    add_to_patch_tokens,
+    grid_tokens,
+    patch_grid,
+    recomputation_applies,
+    recomputing_shortcut,
+)
+
 
 def eager_attention_forward(
     module: nn.Module,
@@ -90,9 +98,16 @@ class DepthwiseShortcut(nn.Module):
         return self.fused_weight is not None
 
     def forward(self, tokens: torch.Tensor, height: int, width: int, num_prefix_tokens: int = 0) -> torch.Tensor:
+        num_patches = tokens.shape[1] - num_prefix_tokens
+        if num_patches != height * width:
+            raise ValueError(
+                f"The depth-wise shortcut got {num_patches} patch tokens for a {height}x{width} grid; expected "
+                f"{height * width}."
+            )
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(
-                self._shortcut,
+                reference_shortcut,
+                self,
                 tokens,
                 height,
                 width,
@@ -100,26 +115,9 @@ class DepthwiseShortcut(nn.Module):
                 use_reentrant=False,
                 context_fn=self._recompute_contexts,
             )
-        return self._shortcut(tokens, height, width, num_prefix_tokens)
-
-    def _shortcut(self, tokens: torch.Tensor, height: int, width: int, num_prefix_tokens: int) -> torch.Tensor:
-        batch_size, num_tokens, channels = tokens.shape
-        if num_tokens - num_prefix_tokens != height * width:
-            raise ValueError(
-                f"The depth-wise shortcut got {num_tokens - num_prefix_tokens} patch tokens for a {height}x{width} "
-                f"grid; expected {height * width}."
-            )
-        # Row-major patch tokens viewed as (B, H, W, C) and permuted to NCHW are channels-last already, so the norm
-        # and the oneDNN depth-wise conv read them without a copy (in NCHW the conv is markedly slower on the CPU).
-        grid = tokens[:, num_prefix_tokens:].reshape(batch_size, height, width, channels).permute(0, 3, 1, 2)
-        grid = self.activation(grid)
-        if self.is_fused:
-            output = self._fused_conv(grid)
-        else:
-            output = self.branches[0](grid)
-            for branch in self.branches[1:]:
-                output = output + branch(grid)
-        return output.permute(0, 2, 3, 1).reshape(batch_size, height * width, channels)
+        if not self.is_fused and recomputation_applies(self, tokens):
+            return recomputing_shortcut(self, tokens, height, width, num_prefix_tokens)
+        return reference_shortcut(self, tokens, height, width, num_prefix_tokens)
 
     def _recompute_contexts(self):
         """Checkpoint contexts: the forward runs as is; its recomputation in backward must not move statistics."""
@@ -183,9 +181,24 @@ class DepthwiseShortcut(nn.Module):
 
     def _fused_conv(self, grid: torch.Tensor) -> torch.Tensor:
         channels, height, width = grid.shape[1:]
-        kernel = self.fused_weight.shape[-1]
-        output = F.conv2d(grid, self.fused_weight, None, padding=kernel // 2, groups=channels)
-        return output + self._bias_map(height, width, output.dtype)
+        reach = self.fused_weight.shape[-1] // 2
+        # In half precision the map is added whole, so that it is rounded once, like every other fused term.
+        low_precision = grid.dtype in (torch.float16, torch.bfloat16) or torch.is_autocast_enabled(grid.device.type)
+        if low_precision or 2 * reach >= min(height, width):  # or every position lies near a border
+            output = F.conv2d(grid, self.fused_weight, None, padding=reach, groups=channels)
+            return output.add_(self._bias_map(height, width, output.dtype))
+        # The conv adds the bias of the interior, where the whole window lies inside the grid; only the rows and
+        # columns within `reach` of a border, where zero padding drops part of the shift, are corrected after.
+        interior = self._bias_map(height, width, grid.dtype)[0, :, reach, reach]
+        output = F.conv2d(grid, self.fused_weight, interior, padding=reach, groups=channels)
+        correction = self._bias_map(height, width, output.dtype) - interior.to(output.dtype).view(1, -1, 1, 1)
+        rows, columns = (slice(None, reach), slice(-reach, None)), (slice(None, reach), slice(-reach, None))
+        for band in rows:
+            output[:, :, band] += correction[:, :, band]
+        middle = slice(reach, height - reach)
+        for band in columns:
+            output[:, :, middle, band] += correction[:, :, middle, band]
+        return output
 
     def _bias_map(self, height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
         """The fused bias at every grid position, `(1, C, H, W)`: `conv_{w*t}(ones) + b` with zero padding."""
@@ -203,6 +216,19 @@ class DepthwiseShortcut(nn.Module):
         if not capturing:
             self._bias_maps[key] = bias_map
         return bias_map
+
+
+def reference_shortcut(shortcut: DepthwiseShortcut, tokens: torch.Tensor, height: int, width: int,
+                       num_prefix_tokens: int = 0) -> torch.Tensor:
+    """The shortcut as plain module calls (its definition): what every faster path must compute."""
+    grid = shortcut.activation(patch_grid(tokens, height, width, num_prefix_tokens))
+    if shortcut.is_fused:
+        output = shortcut._fused_conv(grid)
+    else:
+        output = shortcut.branches[0](grid)
+        for branch in shortcut.branches[1:]:
+            output = output + branch(grid)
+    return grid_tokens(output)
 
 
 @contextlib.contextmanager
@@ -251,9 +277,7 @@ def depthwise_shortcuts(config, channels: int, num_groups: int) -> nn.ModuleList
 
 def add_shortcut(block_output: torch.Tensor, shortcut_output: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
     """Add the shortcut to the patch tokens of `block_output`; prefix (class) tokens receive zeros."""
-    if num_prefix_tokens:
-        shortcut_output = F.pad(shortcut_output, (0, 0, num_prefix_tokens, 0))
-    return block_output + shortcut_output
+    return add_to_patch_tokens(block_output, shortcut_output, num_prefix_tokens)
 
 
 def init_shortcut_weights(module: nn.Module, dw_init: str) -> bool:
