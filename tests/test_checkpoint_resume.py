@@ -36,7 +36,8 @@ TINY = "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_si
 TOTAL_STEPS = 8
 # Every file of a checkpoint of this run; test_the_parametrized_files_are_every_file_of_a_checkpoint keeps it true.
 CHECKPOINT_FILES = [
-    "checkpoint_manifest.json", "config.json", "configuration_dwvit.py", "dw_layers.py", "model.safetensors",
+    "checkpoint_manifest.json", "config.json", "configuration_dwvit.py", "dw_layers.py", "dw_shortcut_autograd.py",
+    "model.safetensors",
     "modeling_dwvit.py", "optimizer.pt", "preprocessor_config.json", "rng_state.pth", "scheduler.pt",
     "trainer_state.json", "training_args.bin",
 ]
