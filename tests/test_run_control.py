@@ -333,6 +333,20 @@ def test_arguments_that_would_train_nothing_are_refused_up_front(cifar10_dir, tm
     assert not (tmp_path / "out").exists(), "refused before the output folder is touched"
 
 
+@pytest.mark.parametrize("build", ["named_config", "create_model"])
+@pytest.mark.parametrize("field,suggestion", [
+    ("dw_kernel_size", "dw_kernel_sizes"), ("hiden_dropout_prob", "hidden_dropout_prob"),
+])
+def test_misspelt_fields_in_python_are_refused_with_a_suggestion(build, field, suggestion):
+    import dwvit
+
+    with pytest.raises(ValueError, match=rf"'{field}' \(did you mean '{suggestion}'"):
+        getattr(dwvit, build)("vit-tiny-cifar", **{field: 0.1, "num_labels": 3})
+    # Fields of the config class and of PretrainedConfig itself pass.
+    config = dwvit.named_config("swin-tiny-cifar", **{"num_labels": 3, "dw_kernel_sizes": [3, 5], "output_hidden_states": True})
+    assert config.dw_kernel_sizes == [3, 5] and config.output_hidden_states
+
+
 @pytest.mark.parametrize("damage", ["truncated", "empty"])
 def test_damaged_weights_to_fine_tune_are_refused_naming_the_file(cifar10_dir, tmp_path, damage):
     import dwvit

@@ -25,6 +25,7 @@ from .models import (
     DWViTPreTrainedModel,
     create_model,
     make_image_processor,
+    to_rgb,
     named_config,
 )
 
@@ -73,4 +74,5 @@ __all__ = [
     "create_model",
     "from_transformers",
     "make_image_processor",
+    "to_rgb",
 ]

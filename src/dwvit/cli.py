@@ -68,7 +68,7 @@ def create_folder(args):
     import dwvit
     from dwvit.folders import save_folder_whole
     from dwvit.models.image_processing import DATASET_STATISTICS
-    from dwvit.training.validation import check_config_fields
+    from dwvit.models.sizes import check_config_fields
 
     output_dir = Path(args.output_dir)
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())) and not args.overwrite:

@@ -9,7 +9,7 @@ from .configuration_dwcait import DWCaiTConfig
 from .configuration_dwswin import DWSwinConfig
 from .configuration_dwvit import DWViTConfig
 from .dw_layers import DepthwiseShortcut
-from .image_processing import make_image_processor
+from .image_processing import make_image_processor, to_rgb
 from .modeling_dwcait import DWCaiTForImageClassification, DWCaiTModel, DWCaiTPreTrainedModel
 from .modeling_dwswin import DWSwinBackbone, DWSwinForImageClassification, DWSwinModel, DWSwinPreTrainedModel
 from .modeling_dwvit import DWViTForImageClassification, DWViTModel, DWViTPreTrainedModel
@@ -33,5 +33,6 @@ __all__ = [
     "DepthwiseShortcut",
     "create_model",
     "make_image_processor",
+    "to_rgb",
     "named_config",
 ]

@@ -45,10 +45,12 @@ NAMED_SIZES: dict[str, tuple[type[PretrainedConfig], dict]] = {
 
 
 def named_config(name: str, **overrides) -> PretrainedConfig:
-    """The config of a named size, with any field overridden (e.g. `num_labels=10, use_dw_shortcut=False`)."""
+    """The config of a named size, with any field overridden (e.g. `num_labels=10, use_dw_shortcut=False`); a name
+    that is no field of the config (a misspelling a config would store unused) raises a `ValueError`."""
     if name not in NAMED_SIZES:
         raise ValueError(f"Unknown model size {name!r}; choose one of: {', '.join(NAMED_SIZES)}.")
     config_class, fields = NAMED_SIZES[name]
+    check_config_fields(config_class, overrides, where=f"{name!r} override")
     return config_class(**{**fields, **overrides})
 
 
@@ -57,3 +59,28 @@ def create_model(name: str, **overrides) -> PreTrainedModel:
     from transformers import AutoModelForImageClassification
 
     return AutoModelForImageClassification.from_config(named_config(name, **overrides))
+
+
+def check_config_fields(config_class, overrides: dict, where: str = "config override") -> None:
+    """Refuse override keys that are no field of `config_class` (a config would silently store them), suggesting
+    the closest field names."""
+    import difflib
+    import inspect
+
+    from transformers import PretrainedConfig
+
+    known = set(config_class().to_dict())
+    known |= {name for name in dir(config_class) if isinstance(getattr(config_class, name, None), property)}
+    for cls in (config_class, PretrainedConfig):
+        known |= {name for name, parameter in inspect.signature(cls.__init__).parameters.items()
+                  if parameter.kind not in (parameter.VAR_KEYWORD, parameter.VAR_POSITIONAL) and name != "self"}
+    unknown = [name for name in overrides if name not in known]
+    if unknown:
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, sorted(known), n=3)
+            hints.append(f"{name!r}" + (f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""))
+        raise ValueError(
+            f"Unknown {where} field(s) for {config_class.__name__}: {', '.join(hints)}; a config would store "
+            "them unused. See the config class's documentation for its fields."
+        )

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image as PILImage
 
+from ..models.image_processing import to_rgb
 from .distributed import unique_suffix
 
 logger = logging.getLogger(__name__)
@@ -170,8 +171,9 @@ def label_names(dataset, label_column: str) -> list[str]:
 
 
 def decode_image(value, index: int | None = None) -> PILImage.Image:
-    """A PIL RGB image from a `datasets` image cell (`{"bytes", "path"}` or PIL); grayscale, RGBA and palette
-    images become RGB. A file that cannot be read raises a ValueError naming its index and path."""
+    """A PIL RGB image from a `datasets` image cell (`{"bytes", "path"}` or PIL), converted by
+    `dwvit.models.image_processing.to_rgb` (every PIL mode, EXIF orientation). A file that cannot be read raises a
+    ValueError naming its index and path."""
     path = None
     try:
         if isinstance(value, PILImage.Image):
@@ -191,16 +193,7 @@ def decode_image(value, index: int | None = None) -> PILImage.Image:
         if path:
             where += f" ({path})"
         raise ValueError(f"Unreadable {where}: {type(error).__name__}: {error}") from error
-    if image.mode != "RGB":
-        # RGBA is composited on white rather than having its alpha dropped, so transparent pixels stay background.
-        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-            rgba = image.convert("RGBA")
-            background = PILImage.new("RGB", rgba.size, (255, 255, 255))
-            background.paste(rgba, mask=rgba.getchannel("A"))
-            image = background
-        else:
-            image = image.convert("RGB")
-    return image
+    return to_rgb(image)
 
 
 def without_decoding(dataset, image_column: str):

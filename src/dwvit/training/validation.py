@@ -13,7 +13,7 @@ from .arguments import parse_floats
 
 def check_arguments(model_args, data_args, training_args) -> None:
     """Refuse values that would train nothing or train on NaNs, rather than failing (or not) much later."""
-    from ..models.sizes import NAMED_SIZES
+    from ..models.sizes import NAMED_SIZES, check_config_fields
     from .arguments import parse_config_overrides
 
     if model_args.model_name_or_path is None and model_args.model_name in NAMED_SIZES:
@@ -57,31 +57,6 @@ def check_eval_labels(dataset, label_column: str, label_names: list[str], split:
             f"The evaluation split {split!r} holds labels {shown} in column {label_column!r}, outside the training "
             f"label set 0..{len(label_names) - 1} ({len(label_names)} classes){unlabelled}. Evaluate on a split "
             "with the training set's labels, or name another with --eval_split."
-        )
-
-
-def check_config_fields(config_class, overrides: dict, where: str = "config override") -> None:
-    """Refuse override keys that are no field of `config_class` (a config would silently store them), suggesting
-    the closest field names."""
-    import difflib
-    import inspect
-
-    from transformers import PretrainedConfig
-
-    known = set(config_class().to_dict())
-    known |= {name for name in dir(config_class) if isinstance(getattr(config_class, name, None), property)}
-    for cls in (config_class, PretrainedConfig):
-        known |= {name for name, parameter in inspect.signature(cls.__init__).parameters.items()
-                  if parameter.kind not in (parameter.VAR_KEYWORD, parameter.VAR_POSITIONAL) and name != "self"}
-    unknown = [name for name in overrides if name not in known]
-    if unknown:
-        hints = []
-        for name in unknown:
-            close = difflib.get_close_matches(name, sorted(known), n=3)
-            hints.append(f"{name!r}" + (f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""))
-        raise ValueError(
-            f"Unknown {where} field(s) for {config_class.__name__}: {', '.join(hints)}; a config would store "
-            "them unused. See the config class's documentation for its fields."
         )
 
 
