@@ -192,7 +192,10 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
     with open(path) as handle:
-        return json.load(handle)
+        try:
+            return json.load(handle)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON ({error}); fix or remove it before uploading.") from error
 
 
 def stage(folder: Path, staging: Path, repo_id: str) -> list[Path]:

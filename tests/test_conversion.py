@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 import types
@@ -854,3 +855,18 @@ def test_paper_sizes_convert_to_the_named_sizes(model_type, build, settings, nam
     count = sum(p.numel() for p in model.parameters())
     assert count == sum(p.numel() for p in reference.parameters())
     assert round(count / 1e6, 1) == paper_millions
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("empty", r"is empty \(0 bytes\)"),
+    ("truncated", r"is truncated or damaged: a zip archive"),
+    ("garbage", r"is not a PyTorch checkpoint"),
+])
+def test_a_damaged_checkpoint_file_is_refused_naming_it_and_what_is_wrong(tmp_path, damage, message):
+    """torch says "PytorchStreamReader failed reading zip archive" or raises a bare EOFError, without the file."""
+    path = tmp_path / "ckpt.pth"
+    torch.save({"model": {"w": torch.zeros(1000)}}, path)
+    data = path.read_bytes()
+    path.write_bytes({"empty": b"", "truncated": data[: len(data) // 2], "garbage": bytes(range(7, 107))}[damage])
+    with pytest.raises(ValueError, match=rf"Cannot read {re.escape(str(path))}: it {message}"):
+        load_original_checkpoint(path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -137,3 +138,15 @@ def test_a_dwvit_create_folder_stages_with_its_parameter_count(tmp_path):
                                "--staging_dir", str(tmp_path / "staged")])
     expected = sum(p.numel() for p in AutoModelForImageClassification.from_pretrained(folder).parameters())
     assert f"{expected:,} parameters." in ModelCard.load(staging / "README.md").text
+
+
+def test_invalid_json_in_the_folder_is_refused_naming_the_file(tmp_path):
+    import dwvit
+
+    folder = tmp_path / "model"
+    dwvit.create_model("vit-tiny-cifar", num_labels=3, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=64).save_pretrained(folder)
+    (folder / "config.json").write_text("{broken")
+    staging = tmp_path / "staging"
+    with pytest.raises(ValueError, match=rf"{re.escape(str(folder / 'config.json'))} is not valid JSON"):
+        hub_upload.main([str(folder), "--repo_id", "someone/model", "--dry_run", "--staging_dir", str(staging)])

@@ -360,3 +360,42 @@ def test_damaged_weights_to_fine_tune_are_refused_naming_the_file(cifar10_dir, t
     with pytest.raises(ValueError, match=rf"{weights}.*(truncated|0 bytes)"):
         ric.main(run_args(tmp_path / "out", cifar10_dir, "--model_name_or_path", str(model_dir),
                           "--config_overrides", ""))
+
+
+# ---- 8. Errors that name the input ----
+
+
+def image_folder(root, classes, files_per_class=3, content=None):
+    from PIL import Image
+
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        for index in range(files_per_class):
+            path = root / name / f"{index}.png"
+            if content is None:
+                Image.new("RGB", (8, 8), (40 * index, 0, 0)).save(path)
+            else:
+                path.write_bytes(content)
+    return root
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing", r"--train_dir \S+ does not exist; expected an image folder: one sub-folder per class"),
+    ("empty", r"--train_dir \S+ holds no image files; expected one sub-folder per class"),
+    ("one-class", r"--train_dir \S+ has images of 1 class only \('cat'\); classification needs at least 2"),
+    ("unreadable", r"Every image of the train split \(\d+\) is unreadable: Unreadable image \d+ \(\S+\.png\)"),
+])
+def test_an_image_folder_that_cannot_train_is_refused_naming_it(tmp_path, case, message):
+    folder = tmp_path / "images"
+    if case == "empty":
+        folder.mkdir()
+    elif case == "one-class":
+        image_folder(folder, ["cat"])
+    elif case == "unreadable":
+        image_folder(folder, ["cat", "dog"], content=b"not an image")
+    args = [
+        "--model_name", "vit-tiny-cifar", "--config_overrides", TINY, "--output_dir", str(tmp_path / "out"),
+        "--train_dir", str(folder), "--max_steps", "1", "--report_to", "none", "--do_train",
+    ]
+    with pytest.raises(ValueError, match=message):
+        ric.main(args)

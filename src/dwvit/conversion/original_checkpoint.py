@@ -98,6 +98,28 @@ def _unpickler_reason(error: Exception) -> str:
     return (reasons or lines or [type(error).__name__])[-1]
 
 
+def _file_damage(path: Path) -> str | None:
+    """What makes `path` unreadable as a `torch.save` file, before unpickling is tried: `torch.save` writes a zip
+    archive (or, in the legacy format, a pickle, whose first byte is the protocol opcode 0x80)."""
+    import zipfile
+
+    size = path.stat().st_size
+    if size == 0:
+        return "is empty (0 bytes)"
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if head == b"PK\x03\x04":
+        if not zipfile.is_zipfile(path):
+            return (
+                f"is truncated or damaged: a zip archive (torch.save's format) whose directory is missing "
+                f"({size} bytes; was the copy or download complete?)"
+            )
+        return None
+    if head[:1] != b"\x80":
+        return "is not a PyTorch checkpoint: neither torch.save's zip archive nor its legacy pickle format"
+    return None
+
+
 def load_original_checkpoint(path: str | os.PathLike) -> OriginalCheckpoint:
     """Read a checkpoint of the original training code without running any code from it.
 
@@ -108,9 +130,17 @@ def load_original_checkpoint(path: str | os.PathLike) -> OriginalCheckpoint:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No checkpoint file at {path}.")
+    damage = _file_damage(path)
+    if damage:
+        raise ValueError(f"Cannot read {path}: it {damage}. Nothing was written.")
     try:
         with torch.serialization.safe_globals([_CONFIG_NODE_GLOBAL]):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError) as error:
+        raise ValueError(
+            f"Cannot read {path}: it is truncated or damaged ({type(error).__name__}: {str(error).splitlines()[0]}). "
+            "Nothing was written."
+        ) from error
     except pickle.UnpicklingError as error:
         names = _disallowed_globals(path, error)
         named = f"the disallowed global(s) {', '.join(names)}" if names else "a disallowed pickle instruction"

@@ -103,10 +103,38 @@ def load_raw_datasets(
             return datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir)
         hub_id = spec.hub_id if spec is not None and dataset_name in KNOWN_DATASETS else dataset_name
         return datasets.load_dataset(hub_id, dataset_config_name, cache_dir=cache_dir, token=token)
+    check_image_folder(train_dir, "--train_dir", min_classes=2)
+    if validation_dir is not None:
+        check_image_folder(validation_dir, "--validation_dir", min_classes=1)
     data_files = {"train": os.path.join(train_dir, "**")}
     if validation_dir is not None:
         data_files["validation"] = os.path.join(validation_dir, "**")
     return datasets.load_dataset("imagefolder", data_files=data_files, cache_dir=cache_dir)
+
+
+def check_image_folder(folder: str, option: str, min_classes: int) -> None:
+    """Refuse an image folder that is missing, holds no images, or (for training) has fewer than `min_classes`
+    class sub-folders, naming the option and what `datasets`' imagefolder expects."""
+    from PIL import Image
+
+    layout = "one sub-folder per class, each holding that class's images (folder/cat/1.png, folder/dog/2.png)"
+    if not os.path.exists(folder):
+        raise ValueError(f"{option} {folder} does not exist; expected an image folder: {layout}.")
+    if not os.path.isdir(folder):
+        raise ValueError(f"{option} {folder} is a file, not a folder; expected an image folder: {layout}.")
+    extensions = {extension.lower() for extension in Image.registered_extensions()}
+    classes = set()
+    for root, _, files in os.walk(folder):
+        if any(os.path.splitext(name)[1].lower() in extensions for name in files):
+            classes.add(os.path.relpath(root, folder))
+    if not classes:
+        raise ValueError(f"{option} {folder} holds no image files; expected {layout}.")
+    if len(classes) < min_classes:
+        found = ", ".join("images directly in the folder" if name == "." else repr(name) for name in sorted(classes))
+        raise ValueError(
+            f"{option} {folder} has images of {len(classes)} class only ({found}); classification needs at least "
+            f"{min_classes}: {layout}."
+        )
 
 
 def split_train_eval(raw, train_split: str = "train", eval_split: str | None = None, spec=None,
@@ -360,6 +388,11 @@ def apply_unreadable_policy(scan: ImageScan, num_rows: int, split: str, policy: 
             raise ValueError(
                 f"{len(bad)} unreadable image(s) in the {split} split: {listing}. "
                 f"Pass --corrupt_images skip to leave them out and count them."
+            )
+        if len(bad) >= num_rows:
+            raise ValueError(
+                f"Every image of the {split} split ({num_rows}) is unreadable: {listing}. Check that the files are "
+                "images PIL can open (PNG, JPEG, ...), not truncated or of another format."
             )
         logger.warning("Skipping %d unreadable image(s) in the %s split: %s", len(bad), split, listing)
     return scan.readable_indices(num_rows)
