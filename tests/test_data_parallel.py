@@ -407,3 +407,19 @@ def test_decisions_are_taken_once_for_every_rank(tmp_path):
         assert outcome["agreed"] == [3, 5]
         # A disagreement is an error on every rank (none left waiting), naming what differs and where.
         assert "disagree about which images are unreadable: rank(s) [1]" in outcome["error"]
+
+
+def test_a_bf16_cpu_run_is_told_what_bf16_costs_on_its_cpu(monkeypatch):
+    import types
+
+    import dwvit.training.distributed as distributed
+    from dwvit.training.validation import cpu_bf16_advice
+
+    bf16_cpu = types.SimpleNamespace(bf16=True, use_cpu=True)
+    monkeypatch.setattr(distributed, "cpu_has_native_bf16", lambda: False)
+    assert "emulated" in cpu_bf16_advice(bf16_cpu, None)
+    monkeypatch.setattr(distributed, "cpu_has_native_bf16", lambda: True)
+    assert "_attn_implementation=eager" in cpu_bf16_advice(bf16_cpu, "hidden_size=96")
+    assert cpu_bf16_advice(bf16_cpu, "hidden_size=96, _attn_implementation=eager") is None
+    assert cpu_bf16_advice(types.SimpleNamespace(bf16=False, use_cpu=True), None) is None
+    assert cpu_bf16_advice(types.SimpleNamespace(bf16=True, use_cpu=False), None) is None

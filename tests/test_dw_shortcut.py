@@ -341,3 +341,29 @@ def test_the_module_in_the_activation_slot_is_what_the_training_shortcut_applies
         torch.autograd.grad((expected * weights).sum(), tokens)[0],
         atol=1e-5, rtol=1e-4,
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("num_prefix_tokens", [0, 1])
+def test_training_shortcut_under_bf16_autocast_computes_what_the_modules_do(num_prefix_tokens):
+    """Under autocast the conv runs in bf16 as the module would; the node's values and gradients are the plain
+    composition's (a hook on the activation selects it) to float rounding."""
+    torch.manual_seed(34)
+    shortcut = DepthwiseShortcut(8, [3, 5]).train()
+    plain = copy.deepcopy(shortcut)
+    plain.activation.register_forward_hook(lambda *args: None)
+    tokens = torch.randn(3, num_prefix_tokens + 20, 8, requires_grad=True)
+    block_output = torch.randn(3, num_prefix_tokens + 20, 8, requires_grad=True)
+    weights = torch.randn(3, num_prefix_tokens + 20, 8)
+    results = []
+    for module in (shortcut, plain):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            output = add_shortcut(block_output, module(tokens, 4, 5, num_prefix_tokens), num_prefix_tokens)
+        grads = torch.autograd.grad((output.float() * weights).sum(), [tokens, block_output, *module.parameters()])
+        results.append((output, grads))
+    (output, grads), (expected, expected_grads) = results
+    assert output.dtype == expected.dtype == torch.float32
+    torch.testing.assert_close(output, expected, atol=1e-6, rtol=1e-6)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    for a, b in zip(shortcut.buffers(), plain.buffers()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)

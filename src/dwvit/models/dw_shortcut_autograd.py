@@ -10,8 +10,9 @@ full-size tensor, so no zero-padded copy is made at the class-token boundary.
 shortcut for the class tokens and adding would write a second full-size tensor.
 
 Both are used only where their hand-written backward is known to match: `DepthwiseShortcut` falls back to the
-plain composition under function transforms, graph capture, autocast, hooks on its parts, another module in the
-activation slot, or any norm other than a training-mode `nn.BatchNorm2d`. A second-order backward (`create_graph=True`) recomputes the plain
+plain composition under function transforms, graph capture, hooks on its parts, another module in the activation
+slot, or any norm other than a training-mode `nn.BatchNorm2d`. Under autocast the conv runs in the autocast dtype
+as the module would, and backward casts as autograd would. A second-order backward (`create_graph=True`) recomputes the plain
 composition with autograd, so gradient penalties see the exact derivative.
 """
 
@@ -46,8 +47,6 @@ def recomputation_applies(shortcut: nn.Module, tokens: torch.Tensor) -> bool:
     if torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing():
         return False
     if torch._C._functorch.peek_interpreter_stack() is not None:
-        return False
-    if torch.is_autocast_enabled(tokens.device.type):
         return False
     if module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks:
         return False
@@ -86,9 +85,13 @@ class _RecomputingShortcut(torch.autograd.Function):
         for branch in shortcut.branches:
             normalized, mean, inverse_std = _batch_norm_training(branch.norm, activated)
             conv = branch.conv
+            # Under autocast the conv runs in the autocast dtype, as it would as a module; backward repeats the casts.
             convolved = F.conv2d(normalized, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
             output = convolved if output is None else output.add_(convolved)
             statistics += [mean, inverse_std]
+        ctx.conv_dtype = output.dtype
+        device_type = tokens.device.type
+        ctx.autocast = (device_type, torch.get_autocast_dtype(device_type), torch.is_autocast_enabled(device_type))
         ctx.shortcut, ctx.grid_shape = shortcut, (height, width, num_prefix_tokens)
         ctx.save_for_backward(tokens, *statistics, *parameters)
         return grid_tokens(output)
@@ -100,9 +103,11 @@ class _RecomputingShortcut(torch.autograd.Function):
         num_branches = len(shortcut.branches)
         statistics, parameters = saved[: 2 * num_branches], saved[2 * num_branches :]
         if torch.is_grad_enabled():
-            tokens_grad, *parameter_grads = _differentiable_backward(
-                shortcut, tokens, parameters, output_grad, ctx.grid_shape
-            )
+            device_type, dtype, enabled = ctx.autocast
+            with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+                tokens_grad, *parameter_grads = _differentiable_backward(
+                    shortcut, tokens, parameters, output_grad, ctx.grid_shape
+                )
             return (tokens_grad, None, None, None, None, *parameter_grads)
 
         grid = patch_grid(tokens, height, width, num_prefix_tokens)
@@ -118,9 +123,11 @@ class _RecomputingShortcut(torch.autograd.Function):
             scale = (norm_weight * inverse_std).view(1, -1, 1, 1)
             normalized = torch.addcmul(norm_bias.view(1, -1, 1, 1) - mean.view(1, -1, 1, 1) * scale, activated, scale)
             normalized_grad, conv_weight_grad, conv_bias_grad = torch.ops.aten.convolution_backward(
-                grid_grad, normalized, conv_weight, [channels], conv.stride, conv.padding, conv.dilation,
-                False, [0, 0], conv.groups, [True, True, True],
+                grid_grad.to(ctx.conv_dtype), normalized.to(ctx.conv_dtype), conv_weight.to(ctx.conv_dtype),
+                [channels], conv.stride, conv.padding, conv.dilation, False, [0, 0], conv.groups, [True, True, True],
             )  # fmt: skip
+            normalized_grad = normalized_grad.to(normalized.dtype)
+            conv_weight_grad, conv_bias_grad = conv_weight_grad.to(conv_weight.dtype), conv_bias_grad.to(conv_bias.dtype)
             branch_grad, norm_weight_grad, norm_bias_grad = torch.ops.aten.native_batch_norm_backward(
                 normalized_grad, activated, norm_weight, None, None, mean, inverse_std, True, norm.eps,
                 [True, True, True],
@@ -159,7 +166,7 @@ def recomputing_shortcut(shortcut: nn.Module, tokens: torch.Tensor, height: int,
 class _AddToPatchTokens(torch.autograd.Function):
     @staticmethod
     def forward(ctx, block_output, shortcut_output, num_prefix_tokens):
-        ctx.num_prefix_tokens = num_prefix_tokens
+        ctx.num_prefix_tokens, ctx.shortcut_dtype = num_prefix_tokens, shortcut_output.dtype
         output = torch.empty_like(block_output, memory_format=torch.contiguous_format)
         output[:, :num_prefix_tokens] = block_output[:, :num_prefix_tokens]
         torch.add(block_output[:, num_prefix_tokens:], shortcut_output, out=output[:, num_prefix_tokens:])
@@ -167,7 +174,7 @@ class _AddToPatchTokens(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, output_grad):
-        return output_grad, output_grad[:, ctx.num_prefix_tokens :], None
+        return output_grad, output_grad[:, ctx.num_prefix_tokens :].to(ctx.shortcut_dtype), None
 
 
 def add_to_patch_tokens(block_output: torch.Tensor, shortcut_output: torch.Tensor, num_prefix_tokens: int):
@@ -180,7 +187,7 @@ def add_to_patch_tokens(block_output: torch.Tensor, shortcut_output: torch.Tenso
         or torch.compiler.is_exporting()
         or torch.jit.is_tracing()
         or torch._C._functorch.peek_interpreter_stack() is not None
-        or block_output.dtype != shortcut_output.dtype
+        or torch.promote_types(block_output.dtype, shortcut_output.dtype) != block_output.dtype
         or block_output.shape[0] != shortcut_output.shape[0]
     )
     if plain:

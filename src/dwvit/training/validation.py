@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from pathlib import Path
@@ -9,6 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from .arguments import parse_floats
+
+logger = logging.getLogger(__name__)
 
 
 def check_arguments(model_args, data_args, training_args) -> None:
@@ -37,6 +40,30 @@ def check_arguments(model_args, data_args, training_args) -> None:
     mean = parse_floats(data_args.image_mean, name="image_mean")
     if mean is not None and not all(math.isfinite(value) for value in mean):
         raise ValueError(f"--image_mean must be three finite numbers (e.g. 0.5,0.5,0.5); got {mean}.")
+    advice = cpu_bf16_advice(training_args, model_args.config_overrides)
+    if advice:
+        logger.warning(advice)
+
+
+def cpu_bf16_advice(training_args, config_overrides: str | None) -> str | None:
+    """What bf16 autocast costs on this CPU when a run asks for it (measured in docs/distributed.md); None when
+    the run is not bf16 on a CPU or takes the fast path."""
+    from .distributed import cpu_has_native_bf16
+
+    if not (getattr(training_args, "bf16", False) and getattr(training_args, "use_cpu", False)):
+        return None
+    if not cpu_has_native_bf16():
+        return (
+            "bf16 on this CPU is emulated (it has neither AVX512-BF16 nor AMX): expect the training step several "
+            "times slower than in float32 (--mixed_precision no)."
+        )
+    if "_attn_implementation=eager" not in (config_overrides or "").replace(" ", ""):
+        return (
+            "bf16 on a CPU with SDPA attention measured 1.37x slower than float32 (its CPU flash-attention backward "
+            "in bf16); add _attn_implementation=eager to --config_overrides for the fast path (0.60x the float32 "
+            "step, same accuracy in the pilots of docs/distributed.md)."
+        )
+    return None
 
 
 def check_eval_labels(dataset, label_column: str, label_names: list[str], split: str, scored: bool) -> None:
