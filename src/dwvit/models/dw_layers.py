@@ -212,7 +212,8 @@ class DepthwiseShortcut(nn.Module):
         # Autocast would round the map to half precision before the single cast below.
         with torch.autocast(ones.device.type, enabled=False):
             bias_map = F.conv2d(ones, self.fused_shift_weight, self.fused_bias, padding=kernel // 2, groups=channels)
-        bias_map = bias_map.to(dtype)
+        # Channels-last like the conv output it is added to: a broadcast add across layouts is several times slower.
+        bias_map = bias_map.to(dtype).contiguous(memory_format=torch.channels_last)
         if not capturing:
             self._bias_maps[key] = bias_map
         return bias_map
