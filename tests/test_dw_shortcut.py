@@ -367,3 +367,16 @@ def test_training_shortcut_under_bf16_autocast_computes_what_the_modules_do(num_
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     for a, b in zip(shortcut.buffers(), plain.buffers()):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_labels_given_to_a_model_without_a_head_are_refused(family):
+    """With num_labels=0 the logits are the pooled features; a cross-entropy over them would be meaningless."""
+    model_class, make_config = FAMILIES[family]
+    model = model_class(make_config(num_labels=0)).eval()
+    pixel_values = torch.randn(2, 3, model.config.image_size, model.config.image_size)
+    with torch.no_grad():
+        features = model(pixel_values).logits
+        with pytest.raises(ValueError, match=r"no classification head \(num_labels=0\)"):
+            model(pixel_values, labels=torch.tensor([0, 1]))
+    assert features.shape[0] == 2 and features.shape[1] > 0

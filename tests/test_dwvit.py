@@ -336,6 +336,9 @@ def test_bad_inputs_raise_clear_errors():
         (dict(pooling="max"), r"pooling must be one of 'cls', 'mean'; got 'max'"),
         (dict(drop_path_rate=1.5), r"drop_path_rate must lie in \[0, 1\)"),
         (dict(num_hidden_layers=0), r"num_hidden_layers must be a positive int"),
+        (dict(layer_norm_eps=0.0), r"layer_norm_eps must be a positive finite number .*got 0.0"),
+        (dict(dw_batch_norm_eps=-1e-5), r"dw_batch_norm_eps must be a positive finite number .*got -1e-05"),
+        (dict(hidden_act="gelux"), r"hidden_act 'gelux' is not one of transformers' activations \(did you mean 'gelu'"),
     ],
 )
 def test_invalid_config_values(fields, message):

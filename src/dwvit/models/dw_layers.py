@@ -352,6 +352,11 @@ def image_classification_loss(logits: torch.Tensor, labels: torch.Tensor, config
     Unlike the generic `transformers` rule, float targets of shape `(batch, num_labels)` are read as class
     probabilities (soft cross-entropy) unless `config.problem_type` says multi-label.
     """
+    if getattr(config, "num_labels", None) == 0:
+        raise ValueError(
+            "This model has no classification head (num_labels=0): its logits are the pooled features, so labels "
+            "cannot be scored. Build it with num_labels set to the number of classes, or call it without labels."
+        )
     num_labels = logits.shape[-1]
     labels = labels.to(logits.device)
     problem_type = getattr(config, "problem_type", None)
