@@ -49,7 +49,7 @@ from dwvit.training.data import (
     without_decoding,
 )
 from dwvit.models.image_processing import DATASET_STATISTICS
-from dwvit.training.distributed import local_main_process_first, same_on_every_rank
+from dwvit.training.distributed import same_on_every_rank
 from dwvit.training.redaction import redact_argv, redact_mapping
 from dwvit.training.arguments import (
     DataArguments,
@@ -136,12 +136,12 @@ def normalisation(data_args: DataArguments, spec):
     return mean, std
 
 
-def scan_split(dataset, image_column: str, data_args, cache_dir):
+def scan_split(dataset, image_column: str, data_args, training_args, cache_dir):
     """Decode a split once (or read the cached result): its unreadable images and, if kept, its decoded images."""
     started = time.perf_counter()
     # Several processes: each machine's first one decodes and caches, the others read its cache; all must then
     # leave out the same images, or their samplers would shard different datasets.
-    with local_main_process_first():
+    with training_args.main_process_first(local=True, desc="decoding images"):
         scan = scan_images(dataset, image_column, cache_dir=cache_dir, keep_images=data_args.decoded_image_cache)
     same_on_every_rank([index for index, _, _ in scan.unreadable], "which images are unreadable")
     logger.info(
@@ -243,11 +243,11 @@ def main(args: list[str] | None = None, callbacks: list | None = None) -> dict:
     skipped, train_scan, eval_scan = {}, None, None
     train_indices = eval_indices = None
     if training_args.do_train:
-        train_scan = scan_split(train_raw, image_column, data_args, model_args.cache_dir)
+        train_scan = scan_split(train_raw, image_column, data_args, training_args, model_args.cache_dir)
         train_indices = apply_unreadable_policy(train_scan, len(train_raw), "train", data_args.corrupt_images)
         skipped["train_skipped_images"] = len(train_scan.unreadable)
     if training_args.do_eval or training_args.do_predict:
-        eval_scan = scan_split(eval_raw, image_column, data_args, model_args.cache_dir)
+        eval_scan = scan_split(eval_raw, image_column, data_args, training_args, model_args.cache_dir)
         eval_indices = apply_unreadable_policy(eval_scan, len(eval_raw), eval_split, data_args.corrupt_images)
         skipped["eval_skipped_images"] = len(eval_scan.unreadable)
 

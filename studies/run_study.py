@@ -62,10 +62,11 @@ SAFETY = 0.97  # leave a little of the budget for the last checkpoint and the sl
 
 
 def write_json(path: Path, payload: dict) -> None:
+    """Whole or not at all (the job's own atomic write), into a folder made if missing."""
+    from dwvit.training.run_control import write_json_atomically
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(temporary, path)
+    write_json_atomically(path, payload)
 
 
 def job_command(recipe: str, arguments: list[str]) -> list[str]:

@@ -4,7 +4,7 @@
   what makes accelerate set up a gloo process group and wrap the model in DDP under torchrun or `accelerate launch`,
   as it sets up NCCL on GPUs. Left unsaid, torchrun on CPUs gives each process its own, unsynchronised model.
 * `decide_mixed_precision`: what `--mixed_precision auto` means on this machine (docs/distributed.md).
-* `rank_zero_decides`, `any_rank`, `rank_zero_value`, `same_on_every_rank`, `local_main_process_first`: a decision
+* `rank_zero_decides`, `any_rank`, `rank_zero_value`, `same_on_every_rank`: a decision
   that every rank must share (stop training now, resume from this checkpoint, these images are unreadable) is
   taken once.
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import platform
 import socket
-from contextlib import contextmanager
 
 import torch
 
@@ -153,24 +152,6 @@ def broadcast_buffers_from_rank_zero(model: torch.nn.Module) -> None:
     with torch.no_grad():
         for buffer in model.buffers():
             dist.broadcast(buffer, src=0)
-
-
-@contextmanager
-def local_main_process_first():
-    """Run the body on each machine's first process, then on the others (which then read what it cached)."""
-    if not _distributed():
-        yield
-        return
-    import torch.distributed as dist
-
-    first = int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0
-    if not first:
-        dist.barrier()
-    try:
-        yield
-    finally:
-        if first:
-            dist.barrier()
 
 
 def unique_suffix() -> str:
