@@ -60,7 +60,7 @@ from dwvit.training.trainer import DWTrainer, prepare_torch_compile
 from dwvit.training.arguments import parse_config_overrides, parse_floats
 from dwvit.training.callbacks import SetEpochCallback, TrainingClock
 from dwvit.training.metrics import make_compute_metrics
-from dwvit.training.validation import check_arguments, check_eval_labels
+from dwvit.training.validation import check_arguments, check_eval_labels, check_overrides_of_saved_model
 
 logger = logging.getLogger("run_image_classification")
 
@@ -86,6 +86,7 @@ def build_model(model_args: ModelArguments, labels: list[str]):
         return AutoModelForImageClassification.from_config(config)
     hub_kwargs = dict(cache_dir=model_args.cache_dir, token=model_args.token, trust_remote_code=model_args.trust_remote_code)
     saved = AutoConfig.from_pretrained(model_args.model_name_or_path, **hub_kwargs)
+    check_overrides_of_saved_model(saved, overrides)  # a Hub model is only read here
     with tempfile.TemporaryDirectory(prefix="dwvit-converted-") as converted_dir:
         path = model_args.model_name_or_path
         if saved.model_type in SUPPORTED_MODEL_TYPES:

@@ -399,3 +399,23 @@ def test_an_image_folder_that_cannot_train_is_refused_naming_it(tmp_path, case, 
     ]
     with pytest.raises(ValueError, match=message):
         ric.main(args)
+
+
+@pytest.mark.parametrize("source", ["dw-folder", "transformers-vit-folder"])
+def test_misspelt_overrides_for_a_saved_model_are_refused_before_training(cifar10_dir, tmp_path, source):
+    import dwvit
+    from transformers import ViTConfig, ViTForImageClassification
+
+    folder = tmp_path / "model"
+    if source == "dw-folder":
+        dwvit.create_model("vit-tiny-cifar", num_labels=10, hidden_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, intermediate_size=64).save_pretrained(folder)
+    else:
+        ViTForImageClassification(ViTConfig(image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=1,
+                                            num_attention_heads=2, intermediate_size=64, num_labels=10)).save_pretrained(folder)
+    args = run_args(tmp_path / "out", cifar10_dir)
+    args[args.index("--config_overrides") + 1] = "dw_kernel_size=[3,5]"
+    args[args.index("--model_name"):args.index("--model_name") + 2] = ["--model_name_or_path", str(folder)]
+    with pytest.raises(ValueError, match=r"'dw_kernel_size' \(did you mean 'dw_kernel_sizes'"):
+        ric.main(args)
+    assert not (tmp_path / "out").exists()

@@ -24,6 +24,11 @@ def check_arguments(model_args, data_args, training_args) -> None:
                             where="--config_overrides")
     elif model_args.model_name_or_path is not None and os.path.isdir(model_args.model_name_or_path):
         check_weight_files(model_args.model_name_or_path)
+        if model_args.config_overrides and os.path.isfile(os.path.join(model_args.model_name_or_path, "config.json")):
+            from transformers import AutoConfig
+
+            saved = AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
+            check_overrides_of_saved_model(saved, parse_config_overrides(model_args.config_overrides))
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         value = getattr(training_args, name, None)
         if value is not None and value < 1:
@@ -43,6 +48,22 @@ def check_arguments(model_args, data_args, training_args) -> None:
     advice = cpu_bf16_advice(training_args, model_args.config_overrides)
     if advice:
         logger.warning(advice)
+
+
+def check_overrides_of_saved_model(saved_config, overrides: dict) -> None:
+    """Refuse misspelt `--config_overrides` fields for a saved model: checked against its config class, or for a
+    transformers ViT/Swin checkpoint (converted on load) against the DW config it becomes."""
+    from ..conversion.transformers_keys import FAMILIES, SUPPORTED_MODEL_TYPES
+    from ..models.sizes import check_config_fields
+
+    if not overrides:
+        return
+    config_class = type(saved_config)
+    if saved_config.model_type in SUPPORTED_MODEL_TYPES:
+        from .. import models
+
+        config_class = getattr(models, FAMILIES[saved_config.model_type].dw_config_class)
+    check_config_fields(config_class, overrides, where="--config_overrides")
 
 
 def cpu_bf16_advice(training_args, config_overrides: str | None) -> str | None:
