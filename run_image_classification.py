@@ -334,7 +334,7 @@ def main(args: list[str] | None = None, callbacks: list | None = None) -> dict:
 
     if trainer.is_world_process_zero():
         os.makedirs(training_args.output_dir, exist_ok=True)
-        if not training_args.do_train:
+        if not training_args.do_train and not run.keeps_model:
             trainer.save_model()
         run_info = {
             "command": command,  # token values redacted
@@ -350,8 +350,9 @@ def main(args: list[str] | None = None, callbacks: list | None = None) -> dict:
             "transformers_version": transformers.__version__,
             "dwvit_version": dwvit.__version__,
         }
-        with open(os.path.join(training_args.output_dir, "run_info.json"), "w") as handle:
-            json.dump(redact_mapping(run_info), handle, indent=2)
+        if not run.keeps_model:  # evaluated in place: the folder keeps the record of the run that trained it
+            with open(os.path.join(training_args.output_dir, "run_info.json"), "w") as handle:
+                json.dump(redact_mapping(run_info), handle, indent=2)
         metrics["num_parameters"] = num_parameters
         print_summary(metrics, num_parameters, training_args.output_dir, config.model_type)
     run.finish(trainer)

@@ -6,6 +6,7 @@ Every run here is tiny: 16 real CIFAR-10 images, batch 8, a two-block 32-wide Vi
 from __future__ import annotations
 
 import json
+import re
 import logging
 import os
 import shutil
@@ -419,3 +420,24 @@ def test_misspelt_overrides_for_a_saved_model_are_refused_before_training(cifar1
     with pytest.raises(ValueError, match=r"'dw_kernel_size' \(did you mean 'dw_kernel_sizes'"):
         ric.main(args)
     assert not (tmp_path / "out").exists()
+
+
+def test_an_evaluation_only_run_evaluates_in_place_or_refuses_another_models_folder(cifar10_dir, tmp_path):
+    out = tmp_path / "out"
+    ric.main(run_args(out, cifar10_dir, "--save_strategy", "no"))
+    weights, run_info = (out / "model.safetensors").read_bytes(), (out / "run_info.json").read_text()
+
+    # A fresh named model evaluated into the trained folder would be saved over it.
+    evaluate = run_args(out, cifar10_dir, "--max_eval_samples", "16", "--do_eval")
+    evaluate.remove("--do_train")
+    with pytest.raises(ValueError, match=rf"{re.escape(str(out))} holds another model .*--overwrite_output_dir"):
+        ric.main(evaluate)
+    assert (out / "model.safetensors").read_bytes() == weights and (out / "run_info.json").read_text() == run_info
+
+    # The trained model evaluated in place: metrics written, the model and the record of its training kept.
+    in_place = [arg for arg in evaluate if arg != "--config_overrides" and arg != TINY]
+    in_place[in_place.index("--model_name"):in_place.index("--model_name") + 2] = ["--model_name_or_path", str(out)]
+    metrics = ric.main(in_place)
+    assert "eval_accuracy" in metrics
+    assert json.loads((out / "eval_results.json").read_text())["eval_accuracy"] == metrics["eval_accuracy"]
+    assert (out / "model.safetensors").read_bytes() == weights and (out / "run_info.json").read_text() == run_info

@@ -282,6 +282,7 @@ class RunControl:
     record: dict | None = None
     finished_metrics: dict | None = None  # set when the run is finished: main() returns these and does nothing
     writes: bool = True
+    keeps_model: bool = False  # an evaluation-only run of the model its folder holds: saves no model, no run_info
 
     def finish(self, trainer) -> None:
         """Mark the run finished in its record (at the end of main(), after its results are written)."""
@@ -292,6 +293,25 @@ class RunControl:
         write_json_atomically(self.output_dir / RECORD_NAME, self.record)
 
 
+def _evaluation_only(control: RunControl, model_args, training_args) -> RunControl:
+    """An evaluation-only run evaluates a model in place (the folder it was loaded from) or into a folder without
+    one; a folder holding another model is refused, since saving the evaluated model would replace it."""
+    output_dir = control.output_dir
+    if not (output_dir / "config.json").is_file():
+        return control
+    source = model_args.model_name_or_path
+    in_place = source is not None and os.path.isdir(source) and Path(source).resolve() == output_dir.resolve()
+    if not in_place and not getattr(training_args, "overwrite_output_dir", False):
+        raise ValueError(
+            f"{output_dir} holds another model (its config.json); an evaluation-only run of "
+            f"{source or model_args.model_name} would save its own model and run_info.json over it. Evaluate into "
+            f"another --output_dir, evaluate that model in place (--model_name_or_path {output_dir}), or pass "
+            "--overwrite_output_dir to replace it."
+        )
+    control.keeps_model = in_place
+    return control
+
+
 def begin(model_args, data_args, training_args, command: str) -> RunControl:
     """Lock the output folder and decide what this run does with what is in it (see the module's docstring)."""
     output_dir = Path(training_args.output_dir)
@@ -300,7 +320,7 @@ def begin(model_args, data_args, training_args, command: str) -> RunControl:
         acquire_lock(output_dir, command)
     control = RunControl(output_dir, writes=writes)
     if not training_args.do_train:
-        return control
+        return _evaluation_only(control, model_args, training_args)
     current, defaults = compared_arguments(model_args, data_args, training_args)
     saved_record = read_json(output_dir / RECORD_NAME)
     saved_record = saved_record if isinstance(saved_record, dict) and "arguments" in saved_record else None
