@@ -147,6 +147,15 @@ def test_overwrite_output_dir_starts_over_without_the_old_checkpoints(interrupte
     assert record["arguments"]["learning_rate"] == 1e-3 and record["changes"] == []
 
 
+def test_auto_resume_false_refuses_a_folder_holding_another_runs_checkpoints(interrupted, copy_of, cifar10_dir):
+    """Training from scratch beside them would mix two runs' checkpoints, and a later resume could take an old one."""
+    out = copy_of(interrupted)
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(ValueError, match=r"--auto_resume false: .* holds checkpoints of an earlier run \(checkpoint-2"):
+        run(out, cifar10_dir, "--auto_resume", "false")
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
 def test_a_folder_from_before_the_record_resumes_with_a_warning(interrupted, copy_of, cifar10_dir, caplog):
     out = copy_of(interrupted)
     (out / run_control.RECORD_NAME).unlink()  # as the runs started before this change

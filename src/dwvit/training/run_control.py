@@ -338,9 +338,16 @@ def begin(model_args, data_args, training_args, command: str) -> RunControl:
             remove_incomplete_saves(output_dir)
         changes = []
     elif not training_args.auto_resume:
-        if saved_record or checkpoints:
-            logger.warning("--auto_resume false: training %s from scratch; its record is replaced and its %d "
-                           "checkpoint(s) stay (--overwrite_output_dir deletes them).", output_dir, len(checkpoints))
+        if checkpoints:
+            # Training from scratch beside them would mix two runs' checkpoints in one folder, and a later
+            # automatic resume could pick up one of the older run's.
+            raise ValueError(
+                f"--auto_resume false: {output_dir} holds checkpoints of an earlier run "
+                f"({', '.join(path.name for path in checkpoints)}). Pass --overwrite_output_dir to delete them and "
+                "start over, or train into another --output_dir."
+            )
+        if saved_record:
+            logger.warning("--auto_resume false: training %s from scratch; its record is replaced.", output_dir)
         changes = []
     else:
         trained = bool(checkpoints) or (output_dir / "trainer_state.json").is_file()
