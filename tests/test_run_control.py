@@ -288,6 +288,20 @@ def test_a_non_finite_loss_stops_the_run_without_a_checkpoint_of_it(cifar10_dir,
     assert not (out / run_control.LOCK_NAME).exists()
 
 
+def test_non_finite_gradients_under_a_finite_loss_stop_the_run_before_the_optimizer_step(cifar10_dir, tmp_path):
+    """A gradient that becomes NaN while the loss is finite would make every weight NaN at the optimizer step,
+    and the checkpoint of that step would hold them."""
+    out = tmp_path / "out"
+
+    def poison_from_step_2(args, state, control, model=None, **kwargs):
+        parameter = next(model.parameters())
+        parameter.register_hook(lambda grad: grad * float("nan") if state.global_step >= 1 else grad)
+
+    with pytest.raises(FloatingPointError, match=r"non-finite gradients \(the loss was finite\) at step 2"):
+        run(out, cifar10_dir, "--save_steps", "1", callbacks=[callback(on_train_begin=poison_from_step_2)])
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
+
+
 # ---- 6. Evaluation splits the job cannot score ----
 
 

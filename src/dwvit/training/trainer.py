@@ -40,7 +40,7 @@ class DWTrainer(AtomicCheckpointMixin, Trainer):
         return decay_parameter_names(model)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        """The stock step, stopping the run at a loss that is not finite.
+        """The stock step, stopping the run at a loss or gradients that are not finite.
 
         The stock Trainer logs such steps as the running mean (`logging_nan_inf_filter`) and keeps going, so a run
         can end with exit 0 and meaningless weights. The check comes after the backward pass and before the optimizer
@@ -50,19 +50,33 @@ class DWTrainer(AtomicCheckpointMixin, Trainer):
         # Decided over all ranks (one all-reduce of a flag): a rank stopping alone would leave the others waiting
         # in the next gradient all-reduce.
         finite_here = bool(torch.isfinite(loss).all())
-        finite = not any_rank(not finite_here, self.args.device)
+        gradients_finite = finite_here and (self.args.fp16 or _gradients_finite(model))
+        finite = not any_rank(not gradients_finite, self.args.device)
         # Under fp16 the gradient scaler skips a step with non-finite gradients and lowers its scale, so isolated
         # overflows are survivable; without it the next optimizer step makes every weight NaN.
         self._non_finite_steps = 0 if finite else getattr(self, "_non_finite_steps", 0) + 1
         if self._non_finite_steps > (NON_FINITE_STEPS_TOLERATED_UNDER_FP16 if self.args.fp16 else 0):
+            what = (
+                f"non-finite training loss ({loss.float().mean().item()})" if not finite_here
+                else "non-finite gradients (the loss was finite)" if not gradients_finite
+                else "non-finite training loss or gradients on another process"
+            )
             raise FloatingPointError(
-                f"Training stopped: non-finite training loss "
-                f"({loss.float().mean().item() if not finite_here else 'on another process'}) at step "
+                f"Training stopped: {what} at step "
                 f"{self.state.global_step + 1} (epoch {self.state.epoch or 0:.2f}). Nothing of this step was saved. "
                 "Usual causes: a learning rate too high, --image_std near 0, fp16 overflow (try --mixed_precision "
                 "bf16 or no)."
             )
         return loss
+
+
+def _gradients_finite(model) -> bool:
+    """Whether every gradient is finite: one fused norm per dtype group, a small cost beside the step's backward.
+    (Under fp16 the gradient scaler does this check itself and skips the step.)"""
+    gradients = [parameter.grad for parameter in model.parameters() if parameter.grad is not None]
+    if not gradients:
+        return True
+    return bool(torch.isfinite(torch.stack([norm.float() for norm in torch._foreach_norm(gradients)])).all())
 
 
 def prepare_torch_compile(args) -> bool:
