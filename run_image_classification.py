@@ -308,6 +308,7 @@ def main(args: list[str] | None = None, callbacks: list | None = None) -> dict:
             checkpoint = latest_complete_checkpoint(training_args.output_dir, full_state=not training_args.save_only_model)
             if checkpoint is not None:
                 logger.info("Resuming from %s (pass --overwrite_output_dir to start over).", checkpoint)
+        run.commit_record()
         result = trainer.train(resume_from_checkpoint=checkpoint)
         trainer.save_model()
         train_metrics = dict(result.metrics, train_samples=len(train_dataset), **{k: v for k, v in skipped.items() if k.startswith("train")})

@@ -132,6 +132,20 @@ def test_resume_changed_arguments_continues_with_a_longer_schedule_and_records_i
     assert record["finished"]["global_step"] == 6
 
 
+def test_a_changed_run_that_fails_before_training_leaves_the_old_record(interrupted, copy_of, cifar10_dir, monkeypatch):
+    """The record must keep describing the checkpoints in the folder, which are still the old run's."""
+    out = copy_of(interrupted)
+    before = (out / run_control.RECORD_NAME).read_text()
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("the model could not be built")
+
+    monkeypatch.setattr(ric, "build_model", fail)
+    with pytest.raises(RuntimeError, match="could not be built"):
+        run(out, cifar10_dir, "--max_steps", "6", "--resume_changed_arguments")
+    assert (out / run_control.RECORD_NAME).read_text() == before
+
+
 def test_overwrite_output_dir_starts_over_without_the_old_checkpoints(interrupted, copy_of, cifar10_dir):
     out = copy_of(interrupted)
     seen = []

@@ -284,6 +284,11 @@ class RunControl:
     writes: bool = True
     keeps_model: bool = False  # an evaluation-only run of the model its folder holds: saves no model, no run_info
 
+    def commit_record(self) -> None:
+        """Write this run's record of its arguments; call when training starts."""
+        if self.writes and self.record is not None:
+            write_json_atomically(self.output_dir / RECORD_NAME, self.record)
+
     def finish(self, trainer) -> None:
         """Mark the run finished in its record (at the end of main(), after its results are written)."""
         if not self.writes or self.record is None or not trainer.args.do_train:
@@ -385,8 +390,8 @@ def begin(model_args, data_args, training_args, command: str) -> RunControl:
         "finished": None,
         "changes": changes,
     }
-    if writes:
-        write_json_atomically(output_dir / RECORD_NAME, control.record)
+    # Written by `commit_record` when training starts: a run that fails before that leaves the old record, which
+    # still describes the folder's checkpoints.
     return control
 
 
