@@ -36,6 +36,17 @@ def grid_tokens(grid: torch.Tensor) -> torch.Tensor:
     return grid.permute(0, 2, 3, 1).reshape(batch_size, height * width, channels)
 
 
+def _capturing_or_transforming() -> bool:
+    """Graph capture (compile, export, tracing) or a `torch.func` transform: the plain ops must be seen."""
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)()  # torch >= 2.6
+    return (
+        torch.compiler.is_compiling()
+        or exporting
+        or torch.jit.is_tracing()
+        or torch._C._functorch.peek_interpreter_stack() is not None
+    )
+
+
 def _has_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks)
 
@@ -44,9 +55,7 @@ def recomputation_applies(shortcut: nn.Module, tokens: torch.Tensor) -> bool:
     """Whether `recomputing_shortcut` computes exactly what the modules of `shortcut` would, autograd included."""
     if not (shortcut.training and torch.is_grad_enabled()):
         return False
-    if torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing():
-        return False
-    if torch._C._functorch.peek_interpreter_stack() is not None:
+    if _capturing_or_transforming():
         return False
     if module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks:
         return False
@@ -183,10 +192,7 @@ def add_to_patch_tokens(block_output: torch.Tensor, shortcut_output: torch.Tenso
     if not num_prefix_tokens:
         return block_output + shortcut_output
     plain = (
-        torch.compiler.is_compiling()
-        or torch.compiler.is_exporting()
-        or torch.jit.is_tracing()
-        or torch._C._functorch.peek_interpreter_stack() is not None
+        _capturing_or_transforming()
         or torch.promote_types(block_output.dtype, shortcut_output.dtype) != block_output.dtype
         or block_output.shape[0] != shortcut_output.shape[0]
     )
