@@ -380,3 +380,21 @@ def test_labels_given_to_a_model_without_a_head_are_refused(family):
         with pytest.raises(ValueError, match=r"no classification head \(num_labels=0\)"):
             model(pixel_values, labels=torch.tensor([0, 1]))
     assert features.shape[0] == 2 and features.shape[1] > 0
+
+
+@pytest.mark.parametrize("kind", ["hook", "pre-hook"])
+def test_a_full_backward_hook_on_the_conv_fires_in_training(kind):
+    """Module backward hooks fire only when the module is called: with one registered the shortcut calls it."""
+    torch.manual_seed(35)
+    shortcut = DepthwiseShortcut(8, [3]).train()
+    seen = []
+    conv = shortcut.branches[0].conv
+    if kind == "hook":
+        conv.register_full_backward_hook(lambda module, grad_in, grad_out: seen.append(grad_out[0]))
+    else:
+        conv.register_full_backward_pre_hook(lambda module, grad_out: seen.append(grad_out[0]))
+    tokens = torch.randn(2, 1 + 12, 8, requires_grad=True)
+    output = shortcut(tokens, 3, 4, 1)
+    output.sum().backward()
+    (grad_output,) = seen
+    assert torch.equal(grad_output, torch.ones(2, 8, 3, 4))

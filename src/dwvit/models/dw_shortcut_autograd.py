@@ -48,7 +48,9 @@ def _capturing_or_transforming() -> bool:
 
 
 def _has_hooks(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks)
+    return bool(
+        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
+    )
 
 
 def recomputation_applies(shortcut: nn.Module, tokens: torch.Tensor) -> bool:
@@ -57,7 +59,11 @@ def recomputation_applies(shortcut: nn.Module, tokens: torch.Tensor) -> bool:
         return False
     if _capturing_or_transforming():
         return False
-    if module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks:
+    global_hooks = (
+        module_hooks._global_forward_hooks, module_hooks._global_forward_pre_hooks,
+        module_hooks._global_backward_hooks, module_hooks._global_backward_pre_hooks,
+    )  # fmt: skip
+    if any(global_hooks):
         return False
     activation = shortcut.activation
     if type(activation) is not nn.GELU or _has_hooks(activation):
@@ -68,7 +74,9 @@ def recomputation_applies(shortcut: nn.Module, tokens: torch.Tensor) -> bool:
             return False
         if type(norm) is not nn.BatchNorm2d or not (norm.training and norm.affine and norm.track_running_stats):
             return False
-        if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or _has_hooks(norm) or _has_hooks(conv):
+        if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or conv.bias is None:
+            return False
+        if _has_hooks(norm) or _has_hooks(conv):
             return False
     return True
 
