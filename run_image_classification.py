@@ -86,7 +86,8 @@ def build_model(model_args: ModelArguments, labels: list[str]):
         return AutoModelForImageClassification.from_config(config)
     hub_kwargs = dict(cache_dir=model_args.cache_dir, token=model_args.token, trust_remote_code=model_args.trust_remote_code)
     saved = AutoConfig.from_pretrained(model_args.model_name_or_path, **hub_kwargs)
-    check_overrides_of_saved_model(saved, overrides)  # a Hub model is only read here
+    if not os.path.isdir(model_args.model_name_or_path):  # a local folder was checked up front (check_arguments)
+        check_overrides_of_saved_model(saved, overrides)
     with tempfile.TemporaryDirectory(prefix="dwvit-converted-") as converted_dir:
         path = model_args.model_name_or_path
         if saved.model_type in SUPPORTED_MODEL_TYPES:

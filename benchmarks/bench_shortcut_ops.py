@@ -107,9 +107,10 @@ def main() -> None:
         f"{step_on / step_off:.3f}; the shortcut's ops above x {num_blocks} = {total * num_blocks:.1f} ms "
         f"({total * num_blocks / (1000 * step_off):.1%} of the step off)"
     )
+    one_pass = pass_milliseconds(tokens)
     print(
-        f"one pass over the tensor at the rate of a plain add here: {pass_milliseconds(tokens):.3f} ms; "
-        f"the shortcut's ops = {total / pass_milliseconds(tokens):.1f} such passes"
+        f"one pass over the tensor at the rate of a plain add here: {one_pass:.3f} ms; "
+        f"the shortcut's ops = {total / one_pass:.1f} such passes"
     )
 
 

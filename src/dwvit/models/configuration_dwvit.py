@@ -53,7 +53,8 @@ def validate_patch_grid(config) -> None:
 
 
 def validate_depthwise_fields(config, num_blocks: int) -> None:
-    """Check the shortcut fields every DW family shares; raise a ValueError naming the field."""
+    """Check the shortcut fields every DW family shares, and its norm epsilons and activation; raise a ValueError
+    naming the field."""
     kernel_sizes = config.dw_kernel_sizes
     if not isinstance(kernel_sizes, (list, tuple)) or len(kernel_sizes) == 0:
         raise ValueError(

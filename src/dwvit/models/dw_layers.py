@@ -13,8 +13,8 @@ import torch.utils.checkpoint
 from torch import nn
 from transformers import initialization as init
 
-from .dw_shortcut_autograd import (
-    add_to_patch_tokens,
+from .dw_shortcut_autograd import (  # noqa: F401 (add_shortcut is used by every family from here)
+    add_shortcut,
     grid_tokens,
     patch_grid,
     recomputation_applies,
@@ -189,15 +189,14 @@ class DepthwiseShortcut(nn.Module):
             return output.add_(self._bias_map(height, width, output.dtype))
         # The conv adds the bias of the interior, where the whole window lies inside the grid; only the rows and
         # columns within `reach` of a border, where zero padding drops part of the shift, are corrected after.
-        interior = self._bias_map(height, width, grid.dtype)[0, :, reach, reach]
+        bias_map = self._bias_map(height, width, grid.dtype)  # float32 or float64 here: the conv output's dtype
+        interior = bias_map[0, :, reach, reach]
         output = F.conv2d(grid, self.fused_weight, interior, padding=reach, groups=channels)
-        correction = self._bias_map(height, width, output.dtype) - interior.to(output.dtype).view(1, -1, 1, 1)
-        rows, columns = (slice(None, reach), slice(-reach, None)), (slice(None, reach), slice(-reach, None))
-        for band in rows:
-            output[:, :, band] += correction[:, :, band]
-        middle = slice(reach, height - reach)
-        for band in columns:
-            output[:, :, middle, band] += correction[:, :, middle, band]
+        correction = bias_map - interior.view(1, -1, 1, 1)
+        borders, middle = (slice(None, reach), slice(-reach, None)), slice(reach, height - reach)
+        for band in borders:
+            output[:, :, band] += correction[:, :, band]  # top and bottom rows
+            output[:, :, middle, band] += correction[:, :, middle, band]  # left and right columns between them
         return output
 
     def _bias_map(self, height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
@@ -274,11 +273,6 @@ def depthwise_shortcuts(config, channels: int, num_groups: int) -> nn.ModuleList
     return nn.ModuleList(
         DepthwiseShortcut(channels, config.dw_kernel_sizes, config.dw_batch_norm_eps) for _ in range(num_groups)
     )
-
-
-def add_shortcut(block_output: torch.Tensor, shortcut_output: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
-    """Add the shortcut to the patch tokens of `block_output`; prefix (class) tokens receive zeros."""
-    return add_to_patch_tokens(block_output, shortcut_output, num_prefix_tokens)
 
 
 def init_shortcut_weights(module: nn.Module, dw_init: str) -> bool:

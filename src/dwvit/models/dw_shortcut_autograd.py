@@ -6,7 +6,7 @@ batch mean and inverse deviation: backward recomputes the GELU and BatchNorm out
 holding two activation-sized tensors per block for the whole step, and writes the input gradient straight into a
 full-size tensor, so no zero-padded copy is made at the class-token boundary.
 
-`add_to_patch_tokens` adds the shortcut to the patch tokens of a block output in one pass, where padding the
+`add_shortcut` adds the shortcut to the patch tokens of a block output in one pass, where padding the
 shortcut for the class tokens and adding would write a second full-size tensor.
 
 Both are used only where their hand-written backward is known to match: `DepthwiseShortcut` falls back to the
@@ -194,9 +194,9 @@ class _AddToPatchTokens(torch.autograd.Function):
         return output_grad, output_grad[:, ctx.num_prefix_tokens :].to(ctx.shortcut_dtype), None
 
 
-def add_to_patch_tokens(block_output: torch.Tensor, shortcut_output: torch.Tensor, num_prefix_tokens: int):
-    """`block_output` with `shortcut_output` added to its patch tokens and its first `num_prefix_tokens` tokens
-    unchanged, as a new tensor."""
+def add_shortcut(block_output: torch.Tensor, shortcut_output: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+    """Add the shortcut to the patch tokens of `block_output`, as a new tensor; prefix (class) tokens receive
+    zeros."""
     if not num_prefix_tokens:
         return block_output + shortcut_output
     plain = (

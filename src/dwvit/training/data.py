@@ -127,6 +127,8 @@ def check_image_folder(folder: str, option: str, min_classes: int) -> None:
     for root, _, files in os.walk(folder):
         if any(os.path.splitext(name)[1].lower() in extensions for name in files):
             classes.add(os.path.relpath(root, folder))
+            if len(classes) >= min_classes:  # enough to train: a large folder is not listed twice
+                break
     if not classes:
         raise ValueError(f"{option} {folder} holds no image files; expected {layout}.")
     if len(classes) < min_classes:
