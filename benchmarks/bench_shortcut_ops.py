@@ -1,9 +1,17 @@
-"""What the depth-wise shortcut's training step is made of, op by op, against what the block around it costs.
+"""Where the depth-wise shortcut's time goes inside a real training step, and the floor under it.
 
-Builds the DW model of a size, measures one training step with the shortcut on and off (interleaved rounds),
-and profiles the shortcut alone (its forward, the add into the block output and their backward, on a block's
-tensors) with `torch.profiler`: per aten op its time per shortcut step. Every op of the shortcut is one or two full passes over a (batch, tokens, channels) tensor, so its
-cost is the number of passes times the machine's memory rate, whatever its FLOPs.
+One process, interleaved rounds of a full training step (forward, loss, backward, AdamW) of four models with the
+same weights where they share them:
+
+- `off`: the DW model with the shortcut off (the baseline of every ratio);
+- `kernel`: the shortcut through the fused CPU kernel (`dw_shortcut_kernel.py`, the default);
+- `pytorch ops`: the same shortcut as PyTorch ops (the recomputing node; what runs without a compiler);
+- `add only`: the shortcut replaced by `block_output + tokens`: no GELU, BatchNorm or conv, only one more read of
+  the group input, its gradient and the sum's allocation; the floor for any shortcut that reads its input.
+
+Inside the `kernel` model's steps it also times each of the kernel's four passes (batch statistics, forward with
+the add, backward reductions, input gradient) and the Python around them, per shortcut call, and compares each
+with one pass of a plain add over the same tensor, warm and cold (after a 128 MB sweep, as inside a step).
 
     python benchmarks/bench_shortcut_ops.py                          # the studies' model: 128 wide, 6 blocks, 32/4
     python benchmarks/bench_shortcut_ops.py --size vit-tiny --batch-size 16 --image-size 224 --patch-size 16
@@ -12,23 +20,46 @@ cost is the number of passes times the machine's memory rate, whatever its FLOPs
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
+import time
 
-os.environ.setdefault("KINETO_LOG_LEVEL", "5")
-
-import torch  # noqa: E402
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_utils import format_table, machine_summary, median, time_interleaved  # noqa: E402
 
 from dwvit import DWViTForImageClassification, named_config  # noqa: E402
-from dwvit.models.dw_layers import add_shortcut  # noqa: E402
+from dwvit.models import dw_shortcut_kernel  # noqa: E402
+from dwvit.models.dw_layers import DepthwiseShortcut  # noqa: E402
 
 SIZES = {
     "studies": dict(hidden_size=128, num_hidden_layers=6, num_attention_heads=4, intermediate_size=512),
     "vit-tiny": dict(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768),
 }
+PASSES = ["dws_statistics", "dws_forward", "dws_backward_reductions", "dws_input_gradient"]
+
+
+class TimedLibrary:
+    """The kernel library with a stopwatch on each of its functions."""
+
+    def __init__(self, library):
+        self.library, self.seconds, self.recording = library, dict.fromkeys(PASSES, 0.0), False
+        for name in PASSES:
+            setattr(self, name, self._timed(name))
+
+    def _timed(self, name):
+        function = getattr(self.library, name)
+
+        def run(*args):
+            start = time.perf_counter()
+            result = function(*args)
+            if self.recording:
+                self.seconds[name] += time.perf_counter() - start
+            return result
+
+        return run
 
 
 def main() -> None:
@@ -41,84 +72,118 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    library = dw_shortcut_kernel.load_library()
+    if library is None:
+        sys.exit("the fused kernel is unavailable here (no C++ compiler, or DWVIT_CPU_KERNEL=0)")
+    timed_library = TimedLibrary(library)
 
     def build(on: bool) -> DWViTForImageClassification:
+        torch.manual_seed(0)
         config = named_config(
             "vit-tiny-cifar", image_size=args.image_size, patch_size=args.patch_size, num_labels=10,
             use_dw_shortcut=on, **SIZES[args.size],
         )  # fmt: skip
         return DWViTForImageClassification(config).train()
 
-    models = {"off": build(False), "on": build(True)}
+    models = {"off": build(False), "kernel": build(True)}
+    models["pytorch ops"] = copy.deepcopy(models["kernel"])
+    models["add only"] = copy.deepcopy(models["kernel"])
     pixel_values = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
     labels = torch.randint(0, 10, (args.batch_size,))
     optimizers = {name: torch.optim.AdamW(model.parameters()) for name, model in models.items()}
+    add_to = DepthwiseShortcut.add_to
+
+    def add_only(self, block_output, tokens, height, width, num_prefix_tokens=0):
+        return block_output + tokens
+
+    node_seconds = {"forward": 0.0, "backward": 0.0}
+    forward_calls = [0]
+    kernel_node = dw_shortcut_kernel._KernelShortcut
+    for phase in node_seconds:
+        function = getattr(kernel_node, phase)
+
+        def timed(ctx, *inputs, _function=function, _phase=phase):
+            start = time.perf_counter()
+            result = _function(ctx, *inputs)
+            if timed_library.recording:
+                node_seconds[_phase] += time.perf_counter() - start
+                forward_calls[0] += _phase == "forward"
+            return result
+
+        setattr(kernel_node, phase, staticmethod(timed))
 
     def step(name):
         def run():
+            DepthwiseShortcut.add_to = add_only if name == "add only" else add_to
+            dw_shortcut_kernel.load_library = (lambda: None) if name == "pytorch ops" else (lambda: timed_library)
+            timed_library.recording = name == "kernel"
             models[name](pixel_values=pixel_values, labels=labels).loss.backward()
             optimizers[name].step()
             optimizers[name].zero_grad(set_to_none=True)
+            timed_library.recording = False
 
         return run
 
-    times = time_interleaved({name: step(name) for name in models}, args.repeats)
-    step_on, step_off = median(times["on"]), median(times["off"])
-    num_blocks = models["on"].config.num_hidden_layers
+    steps = {name: step(name) for name in models}
+    for run in steps.values():
+        run()  # optimizer state
+    timed_library.seconds = dict.fromkeys(PASSES, 0.0)
+    node_seconds.update(forward=0.0, backward=0.0)
+    forward_calls[0] = 0
+    times = time_interleaved(steps, args.repeats)
+    DepthwiseShortcut.add_to, dw_shortcut_kernel.load_library = add_to, lambda: library
+    off = median(times["off"])
+    num_shortcuts = len(models["kernel"].dwvit.encoder.shortcuts)
+    calls = forward_calls[0]
 
-    # One shortcut on a block's tensors: its forward, the add, and the backward of both.
-    shortcut = models["on"].dwvit.encoder.shortcuts[0]
     grid = args.image_size // args.patch_size
-    channels = models["on"].config.hidden_size
-    tokens = torch.randn(args.batch_size, 1 + grid * grid, channels, requires_grad=True)
-    block_output = torch.randn_like(tokens, requires_grad=True)
-    output_grad = torch.randn_like(tokens)
-
-    def shortcut_step():
-        output = add_shortcut(block_output * 1.0, shortcut(tokens, grid, grid, 1), 1)
-        output.backward(output_grad)
-        tokens.grad = block_output.grad = None
-        shortcut.zero_grad(set_to_none=True)
-
-    for _ in range(3):
-        shortcut_step()
-    calls = 10
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        for _ in range(calls):
-            shortcut_step()
-    tensor_bytes = tokens.numel() * tokens.element_size()
-    rows, total = [], 0.0
-    for event in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total):
-        milliseconds = event.self_cpu_time_total / 1000 / calls
-        if milliseconds < 0.02 or not event.key.startswith("aten::") or event.key == "aten::mul":
-            continue  # `mul` is the harness's own block output
-        total += milliseconds
-        rows.append([event.key, f"{event.count / calls:.0f}", f"{milliseconds:.3f}"])
-    rows.append(["all shortcut ops (one shortcut, forward + backward)", "", f"{total:.3f}"])
+    channels = models["kernel"].config.hidden_size
+    tokens = torch.randn(args.batch_size, 1 + grid * grid, channels)
+    warm, cold = pass_milliseconds(tokens)
     print(machine_summary(torch.device("cpu")))
     print(
-        f"\nmodel: {args.size} {args.image_size}/{args.patch_size}, batch {args.batch_size}, {num_blocks} shortcuts; "
-        f"one (batch, tokens, channels) tensor = {tensor_bytes / 2**20:.2f} MiB\n"
+        f"\nmodel: {args.size} {args.image_size}/{args.patch_size}, batch {args.batch_size}, {num_shortcuts} "
+        f"shortcuts; one (batch, tokens, channels) tensor = {tokens.numel() * 4 / 2**20:.2f} MiB; one plain add "
+        f"over it: {warm:.3f} ms warm, {cold:.3f} ms cold\n"
     )
-    print(format_table(["aten op", "calls", "ms per shortcut step"], rows))
-    print(
-        f"\ntraining step: shortcut on {1000 * step_on:.1f} ms, off {1000 * step_off:.1f} ms, ratio "
-        f"{step_on / step_off:.3f}; the shortcut's ops above x {num_blocks} = {total * num_blocks:.1f} ms "
-        f"({total * num_blocks / (1000 * step_off):.1%} of the step off)"
-    )
-    one_pass = pass_milliseconds(tokens)
-    print(
-        f"one pass over the tensor at the rate of a plain add here: {one_pass:.3f} ms; "
-        f"the shortcut's ops = {total / one_pass:.1f} such passes"
-    )
+    rows = []
+    for name in models:
+        seconds = median(times[name])
+        rows.append([name, f"{1000 * seconds:.1f}", f"{seconds / off:.3f}",
+                     f"{1000 * (seconds - off) / num_shortcuts:.2f}"])  # fmt: skip
+    print(format_table(["training step", "ms", "vs off", "ms per shortcut over off"], rows))
+    print()
+    rows = []
+    kernel_total = 0.0
+    for name in PASSES:
+        milliseconds = 1000 * timed_library.seconds[name] / calls
+        kernel_total += milliseconds
+        rows.append([name, f"{milliseconds:.3f}", f"{milliseconds / cold:.1f}"])
+    for phase in node_seconds:
+        passes = PASSES[:2] if phase == "forward" else PASSES[2:]
+        inside = sum(timed_library.seconds[name] for name in passes)
+        rows.append([f"Python and allocations around the {phase} passes",
+                     f"{1000 * (node_seconds[phase] - inside) / calls:.3f}", ""])  # fmt: skip
+    node_total = 1000 * sum(node_seconds.values()) / calls
+    rows.append(["**the kernel's two autograd nodes**", f"**{node_total:.3f}**", f"{node_total / cold:.1f}"])
+    print(format_table(["inside the kernel model's steps, per shortcut", "ms", "cold plain-add passes"], rows))
 
 
-def pass_milliseconds(tensor: torch.Tensor) -> float:
-    """Time of `a + b` into a fresh tensor of `tensor`'s size (reads two, writes one): the rate of a pass."""
+def pass_milliseconds(tensor: torch.Tensor) -> tuple[float, float]:
+    """Median time of `a + b` into a fresh tensor of `tensor`'s size (reads two, writes one), with the operands in
+    the cache and after a sweep over 128 MB that evicts them."""
     a, b = torch.randn_like(tensor), torch.randn_like(tensor)
-    times = time_interleaved({"add": lambda: a + b}, 30)
-    return 1000 * median(times["add"])
+    sweep = torch.zeros(32 * 2**20)
+    warm, cold = [], []
+    for _ in range(30):
+        start = time.perf_counter()
+        a + b
+        warm.append(time.perf_counter() - start)
+        sweep.add_(1)
+        start = time.perf_counter()
+        a + b
+        cold.append(time.perf_counter() - start)
+    return 1000 * median(warm), 1000 * median(cold)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,17 @@ def warm_up_batchnorm(model, steps: int = 3) -> None:
     model.eval()
 
 
+@pytest.fixture(params=["kernel", "pytorch-ops"])
+def shortcut_path(request, monkeypatch):
+    """Run a shortcut test through the fused CPU kernel and through the PyTorch ops it falls back to (no compiler,
+    `DWVIT_CPU_KERNEL=0`)."""
+    if request.param == "pytorch-ops":
+        from dwvit.models import dw_shortcut_kernel
+
+        monkeypatch.setattr(dw_shortcut_kernel, "load_library", lambda: None)
+    return request.param
+
+
 def randomise_shortcut_statistics(model, generator) -> None:
     """Give every shortcut BatchNorm non-trivial statistics and affine parameters, so it is not an identity."""
     import torch

@@ -37,6 +37,7 @@ TOTAL_STEPS = 8
 # Every file of a checkpoint of this run; test_the_parametrized_files_are_every_file_of_a_checkpoint keeps it true.
 CHECKPOINT_FILES = [
     "checkpoint_manifest.json", "config.json", "configuration_dwvit.py", "dw_layers.py", "dw_shortcut_autograd.py",
+    "dw_shortcut_kernel.py",
     "model.safetensors",
     "modeling_dwvit.py", "optimizer.pt", "preprocessor_config.json", "rng_state.pth", "scheduler.pt",
     "trainer_state.json", "training_args.bin",

@@ -171,6 +171,7 @@ def test_torch_func_grad_through_the_shortcut_matches_autograd_of_the_hand_compu
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.usefixtures("shortcut_path")
 def test_double_backward_through_the_shortcut_matches_the_hand_computation(training):
     """A gradient penalty: the gradient of the norm of the input gradient, with the class-token boundary."""
     shortcut = make_shortcut(training)
@@ -239,7 +240,7 @@ def test_fusion_refuses_a_norm_without_running_statistics_and_the_forward_still_
         torch.testing.assert_close(shortcut(tokens, 3, 4), expected, rtol=0, atol=0)
 
 
-# ------------------------------------------------------------------- the training node that recomputes (issue 20)
+# ------------------------------------------- the training paths, fused kernel and recomputing node (issue 20)
 
 
 def hand_running_statistics(tokens, grid, norm, num_prefix_tokens, momentum):
@@ -253,6 +254,7 @@ def hand_running_statistics(tokens, grid, norm, num_prefix_tokens, momentum):
 @pytest.mark.parametrize("kernels", [[3], [3, 5, 7]], ids=["k3", "k357"])
 @pytest.mark.parametrize("num_prefix_tokens", [0, 1])
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["ema", "cumulative"])
+@pytest.mark.usefixtures("shortcut_path")
 def test_training_shortcut_matches_the_hand_computation_in_values_gradients_and_statistics(
     kernels, num_prefix_tokens, momentum
 ):
@@ -289,6 +291,7 @@ def test_training_shortcut_matches_the_hand_computation_in_values_gradients_and_
     assert torch.equal(tokens, tokens_before) and torch.equal(block_output, block_output_before)
 
 
+@pytest.mark.usefixtures("shortcut_path")
 def test_training_shortcut_keeps_no_activation_sized_tensor_for_backward():
     """Autograd holds only the input (a view of the block input, which the block keeps) and per-channel batch
     statistics: the GELU and BatchNorm outputs are recomputed in backward instead of kept for the whole step."""

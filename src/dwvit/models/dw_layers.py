@@ -20,6 +20,7 @@ from .dw_shortcut_autograd import (  # noqa: F401 (add_shortcut is used by every
     recomputation_applies,
     recomputing_shortcut,
 )
+from .dw_shortcut_kernel import kernel_adds, kernel_applies, kernel_shortcut
 
 
 def eager_attention_forward(
@@ -98,12 +99,7 @@ class DepthwiseShortcut(nn.Module):
         return self.fused_weight is not None
 
     def forward(self, tokens: torch.Tensor, height: int, width: int, num_prefix_tokens: int = 0) -> torch.Tensor:
-        num_patches = tokens.shape[1] - num_prefix_tokens
-        if num_patches != height * width:
-            raise ValueError(
-                f"The depth-wise shortcut got {num_patches} patch tokens for a {height}x{width} grid; expected "
-                f"{height * width}."
-            )
+        self._check_grid(tokens, height, width, num_prefix_tokens)
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(
                 reference_shortcut,
@@ -115,9 +111,32 @@ class DepthwiseShortcut(nn.Module):
                 use_reentrant=False,
                 context_fn=self._recompute_contexts,
             )
+        if kernel_applies(self, tokens):
+            return kernel_shortcut(self, tokens, height, width, num_prefix_tokens)
         if not self.is_fused and recomputation_applies(self, tokens):
             return recomputing_shortcut(self, tokens, height, width, num_prefix_tokens)
         return reference_shortcut(self, tokens, height, width, num_prefix_tokens)
+
+    def add_to(self, block_output: torch.Tensor, tokens: torch.Tensor, height: int, width: int,
+               num_prefix_tokens: int = 0) -> torch.Tensor:
+        """`block_output` with the shortcut of `tokens` added to its patch tokens: what every family's encoder does
+        after a block group. Where the fused CPU kernel applies, the sum is written in the shortcut's own pass;
+        otherwise (or with forward hooks on this module, which must see its output) it is
+        `add_shortcut(block_output, self(tokens, ...), num_prefix_tokens)`."""
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        if not checkpointing and kernel_adds(self, block_output, tokens):
+            self._check_grid(tokens, height, width, num_prefix_tokens)
+            return kernel_shortcut(self, tokens, height, width, num_prefix_tokens, block_output)
+        return add_shortcut(block_output, self(tokens, height, width, num_prefix_tokens), num_prefix_tokens)
+
+    @staticmethod
+    def _check_grid(tokens: torch.Tensor, height: int, width: int, num_prefix_tokens: int) -> None:
+        num_patches = tokens.shape[1] - num_prefix_tokens
+        if num_patches != height * width:
+            raise ValueError(
+                f"The depth-wise shortcut got {num_patches} patch tokens for a {height}x{width} grid; expected "
+                f"{height * width}."
+            )
 
     def _recompute_contexts(self):
         """Checkpoint contexts: the forward runs as is; its recomputation in backward must not move statistics."""

@@ -16,7 +16,6 @@ from .configuration_dwcait import DWCaiTConfig
 from .dw_layers import (
     DropPath,
     RemoteCodeSaveMixin,
-    add_shortcut,
     block_groups,
     depthwise_shortcuts,
     eager_attention_forward,
@@ -290,8 +289,7 @@ class DWCaiTEncoder(nn.Module):
                 if output_hidden_states and index != end - 1:
                     all_hidden_states = all_hidden_states + (hidden_states,)
             if self.shortcuts is not None:
-                shortcut = self.shortcuts[group_index](group_input, *grid_size)
-                hidden_states = add_shortcut(hidden_states, shortcut, num_prefix_tokens=0)
+                hidden_states = self.shortcuts[group_index].add_to(hidden_states, group_input, *grid_size)
             if output_hidden_states:
                 all_hidden_states = all_hidden_states + (hidden_states,)
 

@@ -16,7 +16,6 @@ from transformers.utils import ModelOutput
 from .configuration_dwswin import DWSwinConfig
 from .dw_layers import (
     RemoteCodeSaveMixin,
-    add_shortcut,
     block_groups,
     depthwise_shortcuts,
     drop_path_rates,
@@ -102,8 +101,7 @@ class DWSwinStage(nn.Module):
                 hidden_states, attn_weights = block(hidden_states, input_dimensions, output_attentions)
                 attentions = attentions + (attn_weights,)
             if self.shortcuts is not None:
-                shortcut = self.shortcuts[group_index](group_input, *input_dimensions)
-                hidden_states = add_shortcut(hidden_states, shortcut, num_prefix_tokens=0)
+                hidden_states = self.shortcuts[group_index].add_to(hidden_states, group_input, *input_dimensions)
 
         before_downsampling = hidden_states
         output_dimensions = tuple(input_dimensions)

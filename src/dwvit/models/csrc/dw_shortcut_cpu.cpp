@@ -1,0 +1,404 @@
+// The depth-wise shortcut (GELU -> per-channel affine -> depth-wise k x k conv, zero padding) on channels-last
+// patch tokens, as four loops that each read the big tensors once: batch statistics, forward, the backward
+// reductions and the input gradient. Every kernel size and BatchNorm is folded by the caller into one k x k
+// scale kernel `wa` and shift kernel `ws` (tap-major, `k*k x C`), so parallel branches cost one stencil.
+//
+// Tokens are float32 `(batch, H*W, C)` rows of C contiguous values with any batch stride (the class token is
+// skipped by the caller's pointer offset). Work is split over images; an image's GELU values live in a per-thread
+// buffer (H*W*C floats) that stays in cache while its stencil reads them k*k times. Reductions are summed in a
+// fixed order (per image, then per thread in thread order), so a run is reproducible for a given thread count.
+//
+// Built by dw_shortcut_kernel.py with the host compiler; plain C ABI, no PyTorch headers.
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <omp.h>
+#include <vector>
+
+namespace {
+
+// exp(y) for y <= 0: 2^n * e^f with |f| <= ln2 / 2 and a degree-7 Taylor polynomial (relative error ~5e-9).
+inline float exp_nonpositive(float y) {
+  y = y < -87.0f ? -87.0f : y;
+  // Round to nearest by adding and subtracting 1.5 * 2^23 (exact for |n| < 2^22; std::floor would not vectorize).
+  const float n = (y * 1.44269504f + 12582912.0f) - 12582912.0f;
+  const float f = (y - n * 0.693145752f) - n * 1.42860677e-6f;
+  float p = 1.0f / 5040.0f;
+  p = p * f + 1.0f / 720.0f;
+  p = p * f + 1.0f / 120.0f;
+  p = p * f + 1.0f / 24.0f;
+  p = p * f + 1.0f / 6.0f;
+  p = p * f + 0.5f;
+  p = p * f + 1.0f;
+  p = p * f + 1.0f;
+  return p * __builtin_bit_cast(float, (int32_t(n) + 127) << 23);
+}
+
+// The standard normal CDF Phi(x) and density phi(x) (exact GELU = x * Phi(x), its derivative Phi + x * phi),
+// with erfc from Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7).
+struct Normal {
+  float cdf, pdf;
+};
+
+inline Normal normal_cdf_pdf(float x) {
+  const float u = std::fabs(x) * 0.707106781f;
+  const float t = 1.0f / (1.0f + 0.3275911f * u);
+  const float gauss = exp_nonpositive(-u * u);
+  float poly = 1.061405429f;
+  poly = poly * t - 1.453152027f;
+  poly = poly * t + 1.421413741f;
+  poly = poly * t - 0.284496736f;
+  poly = poly * t + 0.254829592f;
+  const float half_erfc = 0.5f * poly * t * gauss;
+  return {x >= 0.0f ? 1.0f - half_erfc : half_erfc, gauss * 0.398942280f};
+}
+
+inline float gelu(float x) { return x * normal_cdf_pdf(x).cdf; }
+
+void gelu_image(const float* x, int64_t count, float* out) {
+#pragma omp simd
+  for (int64_t i = 0; i < count; ++i) out[i] = gelu(x[i]);
+}
+
+// Per-thread scratch that outlives a call: OpenMP's threads persist, and a fresh image-sized buffer per call would
+// cost page faults and zeroing on every step. `slot` tells a thread's buffers apart.
+float* scratch(int slot, int64_t count) {
+  static thread_local std::vector<float> buffers[4];
+  std::vector<float>& buffer = buffers[slot];
+  if (int64_t(buffer.size()) < count) buffer.resize(count);
+  return buffer.data();
+}
+
+struct Shape {
+  int64_t batch, height, width, channels, kernel;
+  int64_t x_stride, y_stride, grad_stride;  // batch strides, in elements
+};
+
+// The in-grid tap range [first, last) of one axis for output index `i`: positions i + tap - reach.
+inline void tap_range(int64_t i, int64_t size, int64_t kernel, int64_t& first, int64_t& last) {
+  const int64_t reach = kernel / 2;
+  first = reach - i > 0 ? reach - i : 0;
+  last = size + reach - i < kernel ? size + reach - i : kernel;
+}
+
+// Per channel: count, mean and the sum of squared deviations, merged as Chan et al. combine partial variances
+// (a plain sum of squares would cancel catastrophically when the mean is large against the deviation).
+struct Moments {
+  std::vector<double> mean, m2;
+  double count = 0.0;
+  explicit Moments(int64_t channels) : mean(channels, 0.0), m2(channels, 0.0) {}
+  void merge(const double* other_mean, const double* other_m2, double other_count) {
+    if (other_count == 0.0) return;
+    const double total = count + other_count;
+    for (size_t ch = 0; ch < mean.size(); ++ch) {
+      const double delta = other_mean[ch] - mean[ch];
+      mean[ch] += delta * other_count / total;
+      m2[ch] += other_m2[ch] + delta * delta * count * other_count / total;
+    }
+    count = total;
+  }
+};
+
+void statistics(const float* x, const Shape& s, float* mean, float* variance, float* unbiased_variance, int threads) {
+  const int64_t pixels = s.height * s.width, c = s.channels;
+  std::vector<Moments> partials(threads, Moments(c));
+#pragma omp parallel num_threads(threads)
+  {
+    float* values = scratch(0, pixels * c);
+    Moments& local = partials[omp_get_thread_num()];
+    std::vector<double> image_mean(c), image_m2(c);
+    std::vector<float> sum(c), square(c);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < s.batch; ++b) {
+      gelu_image(x + b * s.x_stride, pixels * c, values);
+      std::fill(sum.begin(), sum.end(), 0.0f);
+      for (int64_t p = 0; p < pixels; ++p) {
+#pragma omp simd
+        for (int64_t ch = 0; ch < c; ++ch) sum[ch] += values[p * c + ch];
+      }
+      for (int64_t ch = 0; ch < c; ++ch) sum[ch] /= float(pixels);
+      std::fill(square.begin(), square.end(), 0.0f);
+      for (int64_t p = 0; p < pixels; ++p) {
+#pragma omp simd
+        for (int64_t ch = 0; ch < c; ++ch) {
+          const float deviation = values[p * c + ch] - sum[ch];
+          square[ch] += deviation * deviation;
+        }
+      }
+      for (int64_t ch = 0; ch < c; ++ch) {
+        image_mean[ch] = sum[ch];
+        image_m2[ch] = square[ch];
+      }
+      local.merge(image_mean.data(), image_m2.data(), double(pixels));
+    }
+  }
+  Moments total(c);
+  for (const Moments& partial : partials) total.merge(partial.mean.data(), partial.m2.data(), partial.count);
+  for (int64_t ch = 0; ch < c; ++ch) {
+    mean[ch] = float(total.mean[ch]);
+    variance[ch] = float(total.m2[ch] / total.count);
+    unbiased_variance[ch] = float(total.m2[ch] / (total.count > 1.0 ? total.count - 1.0 : 1.0));
+  }
+}
+
+// The shift kernel's contribution plus the bias at every position, `(H*W, C)`: zero padding drops the taps that
+// fall outside the grid, so it differs near the borders only.
+std::vector<float> bias_map(const float* ws, const float* bias, const Shape& s) {
+  const int64_t h_size = s.height, w_size = s.width, c = s.channels, k = s.kernel;
+  std::vector<float> map(h_size * w_size * c);
+  for (int64_t h = 0; h < h_size; ++h) {
+    int64_t i0, i1;
+    tap_range(h, h_size, k, i0, i1);
+    for (int64_t w = 0; w < w_size; ++w) {
+      int64_t j0, j1;
+      tap_range(w, w_size, k, j0, j1);
+      float* out = map.data() + (h * w_size + w) * c;
+      std::memcpy(out, bias, c * sizeof(float));
+      for (int64_t i = i0; i < i1; ++i)
+        for (int64_t j = j0; j < j1; ++j)
+          for (int64_t ch = 0; ch < c; ++ch) out[ch] += ws[(i * k + j) * c + ch];
+    }
+  }
+  return map;
+}
+
+// Sixteen floats as one value (one AVX-512 register, two AVX2 ones): the stencils below keep their accumulators in
+// registers across the k*k taps, which the auto-vectoriser does not do for an array.
+// (Unaligned, and allowed to alias float: a copy through memcpy would go through the stack.)
+typedef float Vec __attribute__((vector_size(64), aligned(4), may_alias));
+constexpr int64_t kLanes = 16;
+
+inline Vec load_vec(const float* p) { return *reinterpret_cast<const Vec*>(p); }
+inline void store_vec(float* p, Vec v) { *reinterpret_cast<Vec*>(p) = v; }
+
+// acc[c0 : c0 + N * 16] += sum over taps (i, j) of weight[tap] * image at the position offset by sign * (tap - reach).
+template <int N>
+inline void stencil_vectors(const float* image, const float* weight, int64_t h, int64_t w, int64_t i0, int64_t i1,
+                            int64_t j0, int64_t j1, int64_t sign, const Shape& s, int64_t c0, float* acc) {
+  const int64_t w_size = s.width, c = s.channels, k = s.kernel, reach = k / 2;
+  Vec sum[N];
+  for (int n = 0; n < N; ++n) sum[n] = load_vec(acc + c0 + n * kLanes);
+  for (int64_t i = i0; i < i1; ++i) {
+    const float* v_row = image + (h + sign * (i - reach)) * w_size * c + c0;
+    for (int64_t j = j0; j < j1; ++j) {
+      const float* v = v_row + (w + sign * (j - reach)) * c;
+      const float* a = weight + (i * k + j) * c + c0;
+      for (int n = 0; n < N; ++n) sum[n] += load_vec(a + n * kLanes) * load_vec(v + n * kLanes);
+    }
+  }
+  for (int n = 0; n < N; ++n) store_vec(acc + c0 + n * kLanes, sum[n]);
+}
+
+// acc[0:C] += the stencil at one position: four vectors at a time, then one, then single channels.
+inline void stencil(const float* image, const float* weight, int64_t h, int64_t w, int64_t i0, int64_t i1, int64_t j0,
+                    int64_t j1, int64_t sign, const Shape& s, float* acc) {
+  const int64_t c = s.channels, k = s.kernel, reach = k / 2, w_size = s.width;
+  int64_t c0 = 0;
+  for (; c0 + 4 * kLanes <= c; c0 += 4 * kLanes) stencil_vectors<4>(image, weight, h, w, i0, i1, j0, j1, sign, s, c0, acc);
+  for (; c0 + kLanes <= c; c0 += kLanes) stencil_vectors<1>(image, weight, h, w, i0, i1, j0, j1, sign, s, c0, acc);
+  for (; c0 < c; ++c0)
+    for (int64_t i = i0; i < i1; ++i)
+      for (int64_t j = j0; j < j1; ++j)
+        acc[c0] += weight[(i * k + j) * c + c0] *
+                   image[((h + sign * (i - reach)) * w_size + (w + sign * (j - reach))) * c + c0];
+}
+
+// out[c0 : c0 + N * 16] = sum over outputs p in rows [h0, h1) and columns [w0, w1) of grad[p] * values[p + offset].
+template <int N>
+inline void tap_product_vectors(const float* grads, const float* values, int64_t offset, int64_t h0, int64_t h1,
+                                int64_t w0, int64_t w1, const Shape& s, int64_t c0, float* out) {
+  const int64_t w_size = s.width, c = s.channels;
+  Vec sum[N] = {};
+  for (int64_t h = h0; h < h1; ++h) {
+    for (int64_t w = w0; w < w1; ++w) {
+      const float* g = grads + (h * w_size + w) * c + c0;
+      const float* v = values + (h * w_size + w) * c + offset + c0;
+      for (int n = 0; n < N; ++n) sum[n] += load_vec(g + n * kLanes) * load_vec(v + n * kLanes);
+    }
+  }
+  for (int n = 0; n < N; ++n) store_vec(out + c0 + n * kLanes, sum[n]);
+}
+
+// y = bias map + sum over in-grid taps of wa * gelu(x); with `add`, y = add + that. Class-token rows are the
+// caller's.
+void forward(const float* x, const float* wa, const float* ws, const float* bias, const float* add, float* y,
+             const Shape& s, int threads) {
+  const int64_t h_size = s.height, w_size = s.width, c = s.channels, k = s.kernel, pixels = h_size * w_size;
+  const std::vector<float> start = bias_map(ws, bias, s);
+#pragma omp parallel num_threads(threads)
+  {
+    float* values = scratch(0, pixels * c);
+    std::vector<float> acc(c);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < s.batch; ++b) {
+      gelu_image(x + b * s.x_stride, pixels * c, values);
+      float* out = y + b * s.y_stride;
+      const float* extra = add ? add + b * s.y_stride : nullptr;
+      for (int64_t h = 0; h < h_size; ++h) {
+        int64_t i0, i1;
+        tap_range(h, h_size, k, i0, i1);
+        for (int64_t w = 0; w < w_size; ++w) {
+          int64_t j0, j1;
+          tap_range(w, w_size, k, j0, j1);
+          const int64_t row = (h * w_size + w) * c;
+          std::memcpy(acc.data(), start.data() + row, c * sizeof(float));
+          stencil(values, wa, h, w, i0, i1, j0, j1, 1, s, acc.data());
+          if (extra) {
+#pragma omp simd
+            for (int64_t ch = 0; ch < c; ++ch) out[row + ch] = acc[ch] + extra[row + ch];
+          } else {
+            std::memcpy(out + row, acc.data(), c * sizeof(float));
+          }
+        }
+      }
+    }
+  }
+}
+
+// Per tap and channel: tap_grad = sum_p grad[p] * gelu(x)[p + tap] and tap_count = sum_p grad[p] over the outputs
+// p whose tap lies in the grid; the caller turns them into every weight, bias and BatchNorm gradient.
+void backward_reductions(const float* x, const float* grad, const Shape& s, double* tap_grad, double* tap_count,
+                         int threads) {
+  const int64_t h_size = s.height, w_size = s.width, c = s.channels, k = s.kernel, pixels = h_size * w_size;
+  const int64_t taps = k * k, reach = k / 2;
+  std::vector<std::vector<double>> partial_grads(threads), partial_counts(threads);
+#pragma omp parallel num_threads(threads)
+  {
+    float* values = scratch(0, pixels * c);
+    float* grads = scratch(1, pixels * c);
+    float* prefix = scratch(2, (h_size + 1) * (w_size + 1) * c);
+    std::vector<float> image_grad(taps * c);
+    std::vector<double> local_grad(taps * c, 0.0), local_count(taps * c, 0.0);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < s.batch; ++b) {
+      gelu_image(x + b * s.x_stride, pixels * c, values);
+      std::memcpy(grads, grad + b * s.grad_stride, pixels * c * sizeof(float));
+      // tap_grad: per tap, a register block of channels accumulates over every output whose tap is in the grid.
+      for (int64_t i = 0; i < k; ++i) {
+        const int64_t h0 = reach - i > 0 ? reach - i : 0, h1 = h_size + reach - i < h_size ? h_size + reach - i : h_size;
+        for (int64_t j = 0; j < k; ++j) {
+          const int64_t w0 = reach - j > 0 ? reach - j : 0;
+          const int64_t w1 = w_size + reach - j < w_size ? w_size + reach - j : w_size;
+          const int64_t offset = ((i - reach) * w_size + (j - reach)) * c;
+          float* out = image_grad.data() + (i * k + j) * c;
+          int64_t c0 = 0;
+          for (; c0 + 4 * kLanes <= c; c0 += 4 * kLanes)
+            tap_product_vectors<4>(grads, values, offset, h0, h1, w0, w1, s, c0, out);
+          for (; c0 + kLanes <= c; c0 += kLanes)
+            tap_product_vectors<1>(grads, values, offset, h0, h1, w0, w1, s, c0, out);
+          for (; c0 < c; ++c0) {
+            float total = 0.0f;
+            for (int64_t h = h0; h < h1; ++h)
+              for (int64_t w = w0; w < w1; ++w)
+                total += grads[(h * w_size + w) * c + c0] * values[(h * w_size + w) * c + offset + c0];
+            out[c0] = total;
+          }
+        }
+      }
+      // tap_count: a rectangle sum of the gradient per tap, read from its 2-D prefix sums.
+      std::fill(prefix, prefix + (w_size + 1) * c, 0.0f);
+      for (int64_t h = 0; h < h_size; ++h) {
+        float* row = prefix + (h + 1) * (w_size + 1) * c;
+        const float* above = row - (w_size + 1) * c;
+        std::fill(row, row + c, 0.0f);
+        for (int64_t w = 0; w < w_size; ++w) {
+          const float* g = grads + (h * w_size + w) * c;
+          float* cell = row + (w + 1) * c;
+#pragma omp simd
+          for (int64_t ch = 0; ch < c; ++ch) cell[ch] = g[ch] + cell[ch - c] + above[(w + 1) * c + ch] - above[w * c + ch];
+        }
+      }
+      for (int64_t i = 0; i < k; ++i) {
+        const int64_t h0 = reach - i > 0 ? reach - i : 0, h1 = h_size + reach - i < h_size ? h_size + reach - i : h_size;
+        for (int64_t j = 0; j < k; ++j) {
+          const int64_t w0 = reach - j > 0 ? reach - j : 0;
+          const int64_t w1 = w_size + reach - j < w_size ? w_size + reach - j : w_size;
+          double* count = local_count.data() + (i * k + j) * c;
+          if (h0 >= h1 || w0 >= w1) continue;
+          const float* p11 = prefix + (h1 * (w_size + 1) + w1) * c;
+          const float* p01 = prefix + (h0 * (w_size + 1) + w1) * c;
+          const float* p10 = prefix + (h1 * (w_size + 1) + w0) * c;
+          const float* p00 = prefix + (h0 * (w_size + 1) + w0) * c;
+          for (int64_t ch = 0; ch < c; ++ch) count[ch] += double(p11[ch]) - p01[ch] - p10[ch] + p00[ch];
+        }
+      }
+      for (int64_t n = 0; n < taps * c; ++n) local_grad[n] += image_grad[n];
+    }
+    partial_grads[omp_get_thread_num()] = std::move(local_grad);
+    partial_counts[omp_get_thread_num()] = std::move(local_count);
+  }
+  for (size_t t = 0; t < partial_grads.size(); ++t) {  // in thread order, so that a run is reproducible
+    for (int64_t n = 0; n < taps * c && !partial_grads[t].empty(); ++n) {
+      tap_grad[n] += partial_grads[t][n];
+      tap_count[n] += partial_counts[t][n];
+    }
+  }
+}
+
+// x_grad = gelu'(x) * (sum over in-grid taps of wa[tap] * grad[q - tap] + alpha + beta * gelu(x)); alpha and beta
+// carry the BatchNorm batch-statistics terms (zero in eval mode).
+void input_gradient(const float* x, const float* grad, const float* wa, const float* alpha, const float* beta, float* x_grad,
+                    const Shape& s, int threads) {
+  const int64_t h_size = s.height, w_size = s.width, c = s.channels, k = s.kernel, pixels = h_size * w_size;
+#pragma omp parallel num_threads(threads)
+  {
+    float* grad_image = scratch(1, pixels * c);
+    std::vector<float> acc(c);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < s.batch; ++b) {
+      const float* x_b = x + b * s.x_stride;
+      float* out = x_grad + b * s.x_stride;
+      std::memcpy(grad_image, grad + b * s.grad_stride, pixels * c * sizeof(float));
+      for (int64_t h = 0; h < h_size; ++h) {
+        int64_t i0, i1;
+        tap_range(h, h_size, k, i0, i1);
+        for (int64_t w = 0; w < w_size; ++w) {
+          int64_t j0, j1;
+          tap_range(w, w_size, k, j0, j1);
+          // Output p = q - (tap - reach) reads input q through tap; the in-grid taps of q are those of p mirrored.
+          std::memcpy(acc.data(), alpha, c * sizeof(float));
+          stencil(grad_image, wa, h, w, k - i1, k - i0, k - j1, k - j0, -1, s, acc.data());
+          const int64_t row = (h * w_size + w) * c;
+#pragma omp simd
+          for (int64_t ch = 0; ch < c; ++ch) {
+            const float value = x_b[row + ch];
+            const Normal n = normal_cdf_pdf(value);
+            out[row + ch] = (n.cdf + value * n.pdf) * (acc[ch] + beta[ch] * value * n.cdf);
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+void dws_statistics(const float* x, int64_t batch, int64_t height, int64_t width, int64_t channels, int64_t x_stride,
+                    float* mean, float* variance, float* unbiased_variance, int threads) {
+  statistics(x, Shape{batch, height, width, channels, 1, x_stride, 0, 0}, mean, variance, unbiased_variance, threads);
+}
+
+void dws_forward(const float* x, const float* wa, const float* ws, const float* bias, const float* add, float* y,
+                 int64_t batch, int64_t height, int64_t width, int64_t channels, int64_t kernel, int64_t x_stride,
+                 int64_t y_stride, int threads) {
+  forward(x, wa, ws, bias, add, y, Shape{batch, height, width, channels, kernel, x_stride, y_stride, 0}, threads);
+}
+
+void dws_backward_reductions(const float* x, const float* grad, int64_t batch, int64_t height, int64_t width,
+                             int64_t channels, int64_t kernel, int64_t x_stride, int64_t grad_stride, double* tap_grad,
+                             double* tap_count, int threads) {
+  backward_reductions(x, grad, Shape{batch, height, width, channels, kernel, x_stride, 0, grad_stride}, tap_grad,
+                      tap_count, threads);
+}
+
+void dws_input_gradient(const float* x, const float* grad, const float* wa, const float* alpha, const float* beta,
+                        float* x_grad, int64_t batch, int64_t height, int64_t width, int64_t channels, int64_t kernel,
+                        int64_t x_stride, int64_t grad_stride, int threads) {
+  input_gradient(x, grad, wa, alpha, beta, x_grad, Shape{batch, height, width, channels, kernel, x_stride, 0, grad_stride},
+                 threads);
+}
+
+}  // extern "C"

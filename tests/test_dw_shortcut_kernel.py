@@ -1,0 +1,224 @@
+"""The fused CPU kernel of the depth-wise shortcut (issue 20): values, gradients and BatchNorm statistics against the
+hand computation over grid shapes, kernel sizes and channel counts that reach every code path (vector blocks of 64
+and 16 channels and the single-channel tail; grids smaller than the kernel), the one-pass add, when the kernel
+steps aside, and its build."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import warnings
+
+import pytest
+import torch
+
+from dwvit import DepthwiseShortcut, DWViTConfig, DWViTForImageClassification
+from dwvit.models import dw_shortcut_kernel
+from dwvit.models.dw_layers import add_shortcut, reference_shortcut
+from dwvit.models.dw_shortcut_kernel import kernel_adds, kernel_applies
+from conftest import hand_shortcut, randomise_shortcut_statistics
+
+
+@pytest.fixture(autouse=True)
+def _kernel_built():
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("no C++ compiler: the shortcut runs as PyTorch ops")
+    assert dw_shortcut_kernel.load_library() is not None, "the kernel did not build with the compiler present"
+
+
+def make_shortcut(channels, kernels, training, seed=40):
+    torch.manual_seed(seed)
+    shortcut = DepthwiseShortcut(channels, kernels).train(training)
+    randomise_shortcut_statistics(shortcut, torch.Generator().manual_seed(seed + 1))
+    return shortcut
+
+
+def hand_statistics(tokens, norm, num_prefix_tokens):
+    """`nn.BatchNorm2d`'s running statistics after one training batch (momentum 0.1), written out."""
+    activated = torch.nn.functional.gelu(tokens[:, num_prefix_tokens:].detach()).reshape(-1, tokens.shape[-1])
+    mean, variance = activated.mean(0), activated.var(0, unbiased=True)
+    return 0.9 * norm.running_mean + 0.1 * mean, 0.9 * norm.running_var + 0.1 * variance
+
+
+SHAPES = {  # (channels, kernels, grid): every vector width and the tail; grids smaller than the kernel
+    "c8-k3": (8, [3], (4, 5)),
+    "c20-k357": (20, [3, 5, 7], (4, 5)),
+    "c70-k5": (70, [5], (3, 6)),
+    "c96-k3": (96, [3], (6, 6)),
+    "c16-k7-tiny-grid": (16, [7], (2, 3)),
+    "c33-k35-one-row": (33, [3, 5], (1, 7)),
+}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("num_prefix_tokens", [0, 1])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_kernel_matches_the_hand_computation(shape, num_prefix_tokens, training):
+    channels, kernels, (height, width) = SHAPES[shape]
+    shortcut = make_shortcut(channels, kernels, training)
+    branches = [(branch.norm, branch.conv) for branch in shortcut.branches]
+    tokens = torch.randn(3, num_prefix_tokens + height * width, channels, requires_grad=True)
+    block_output = torch.randn(3, num_prefix_tokens + height * width, channels, requires_grad=True)
+    weights = torch.randn_like(block_output)
+    assert kernel_adds(shortcut, block_output, tokens)
+    expected_statistics = [hand_statistics(tokens, norm, num_prefix_tokens) for norm, _ in branches]
+    expected = block_output + hand_shortcut(tokens, (height, width), branches, training, num_prefix_tokens)
+    inputs = [tokens, block_output, *shortcut.parameters()]
+    expected_grads = torch.autograd.grad((expected * weights).sum(), inputs)
+    tokens_before, block_before = tokens.detach().clone(), block_output.detach().clone()
+
+    actual = shortcut.add_to(block_output, tokens, height, width, num_prefix_tokens)
+    actual_grads = torch.autograd.grad((actual * weights).sum(), inputs)
+
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    for got, want in zip(actual_grads, expected_grads):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert torch.equal(actual_grads[0][:, :num_prefix_tokens], torch.zeros_like(actual_grads[0][:, :num_prefix_tokens]))
+    if training:
+        for branch, (mean, variance) in zip(shortcut.branches, expected_statistics):
+            torch.testing.assert_close(branch.norm.running_mean, mean, atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(branch.norm.running_var, variance, atol=1e-6, rtol=1e-5)
+    assert torch.equal(tokens, tokens_before) and torch.equal(block_output, block_before)
+
+
+def test_statistics_stay_exact_when_the_mean_dwarfs_the_deviation():
+    """Large activations with a small spread: a sum of squares in float would cancel; BatchNorm's own update is
+    the reference."""
+    shortcut = make_shortcut(32, [3], training=True)
+    reference = copy.deepcopy(shortcut)
+    tokens = 40 + 0.5 * torch.randn(8, 1 + 64, 32)
+    shortcut(tokens, 8, 8, 1)
+    reference_shortcut(reference, tokens, 8, 8, 1)
+    for branch, expected in zip(shortcut.branches, reference.branches):
+        torch.testing.assert_close(branch.norm.running_var, expected.norm.running_var, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(branch.norm.running_mean, expected.norm.running_mean, atol=1e-6, rtol=1e-6)
+
+
+def test_the_module_output_is_the_shortcut_alone_and_matches_the_plain_modules():
+    shortcut = make_shortcut(48, [3, 5], training=False)
+    tokens = torch.randn(2, 1 + 35, 48)
+    assert kernel_applies(shortcut, tokens)
+    output = shortcut(tokens, 5, 7, 1)
+    assert output.shape == (2, 35, 48)
+    torch.testing.assert_close(output, reference_shortcut(shortcut, tokens, 5, 7, 1), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_the_same_values_with_and_without_autograd(training):
+    shortcut = make_shortcut(24, [3, 5], training)
+    twin = copy.deepcopy(shortcut)
+    tokens, block_output = torch.randn(2, 1 + 20, 24), torch.randn(2, 1 + 20, 24)
+    with torch.no_grad():
+        without = shortcut.add_to(block_output, tokens, 4, 5, 1)
+    with_grad = twin.add_to(block_output, tokens.clone().requires_grad_(), 4, 5, 1)
+    assert torch.equal(without, with_grad)
+
+
+def test_a_run_repeats_bit_for_bit():
+    results = []
+    for _ in range(2):
+        shortcut = make_shortcut(40, [3, 7], training=True)
+        tokens = torch.randn(6, 1 + 49, 40, generator=torch.Generator().manual_seed(3)).requires_grad_()
+        output = shortcut.add_to(torch.zeros_like(tokens), tokens, 7, 7, 1)
+        grads = torch.autograd.grad(output.pow(2).sum(), [tokens, *shortcut.parameters()])
+        results.append((output, grads, shortcut.branches[0].norm.running_var.clone()))
+    (first, first_grads, first_var), (second, second_grads, second_var) = results
+    assert torch.equal(first, second) and torch.equal(first_var, second_var)
+    assert all(torch.equal(a, b) for a, b in zip(first_grads, second_grads))
+
+
+def test_fused_inference_through_the_kernel_matches_the_unfused_modules():
+    shortcut = make_shortcut(64, [3, 5, 7], training=False)
+    tokens, block_output = torch.randn(2, 1 + 48, 64), torch.randn(2, 1 + 48, 64)
+    expected = add_shortcut(block_output, reference_shortcut(shortcut, tokens, 6, 8, 1), 1)
+    shortcut.fuse()
+    assert kernel_adds(shortcut, block_output, tokens)
+    torch.testing.assert_close(shortcut.add_to(block_output, tokens, 6, 8, 1), expected, atol=1e-5, rtol=1e-5)
+    # An input gradient through the fused form (a saliency map) is the unfused one.
+    tokens.requires_grad_()
+    (fused_grad,) = torch.autograd.grad(shortcut.add_to(block_output, tokens, 6, 8, 1).sum(), tokens)
+    shortcut.unfuse()
+    (unfused_grad,) = torch.autograd.grad(add_shortcut(block_output, reference_shortcut(shortcut, tokens, 6, 8, 1), 1).sum(), tokens)
+    torch.testing.assert_close(fused_grad, unfused_grad, atol=1e-5, rtol=1e-5)
+
+
+def test_eval_folding_follows_weights_changed_in_place():
+    """The folded kernel is cached in eval mode: an in-place weight or statistics update must not serve the old one."""
+    shortcut = make_shortcut(16, [3], training=False)
+    tokens = torch.randn(2, 1 + 16, 16)
+    shortcut(tokens, 4, 4, 1)
+    with torch.no_grad():
+        shortcut.branches[0].conv.weight.mul_(2)
+        shortcut.branches[0].norm.running_var.add_(1)
+    torch.testing.assert_close(shortcut(tokens, 4, 4, 1), reference_shortcut(shortcut, tokens, 4, 4, 1))
+
+
+def test_a_forward_hook_on_the_shortcut_sees_its_output_when_it_is_added():
+    shortcut = make_shortcut(16, [3], training=True)
+    seen = []
+    shortcut.register_forward_hook(lambda module, args, output: seen.append(output))
+    tokens, block_output = torch.randn(2, 1 + 16, 16), torch.randn(2, 1 + 16, 16)
+    assert not kernel_adds(shortcut, block_output, tokens)
+    output = shortcut.add_to(block_output, tokens, 4, 4, 1)
+    assert len(seen) == 1 and seen[0].shape == (2, 16, 16)
+    torch.testing.assert_close(output[:, 1:], block_output[:, 1:] + seen[0])
+
+
+def test_the_kernel_steps_aside_under_autocast_and_for_other_inputs():
+    shortcut = make_shortcut(16, [3], training=True)
+    tokens = torch.randn(2, 1 + 16, 16)
+    assert kernel_applies(shortcut, tokens)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not kernel_applies(shortcut, tokens)
+    assert not kernel_applies(shortcut, tokens.double())
+    assert not kernel_applies(shortcut, tokens.transpose(0, 1).contiguous().transpose(0, 1))  # not contiguous
+    shortcut.activation.approximate = "tanh"
+    assert not kernel_applies(shortcut, tokens)
+
+
+def test_a_model_trains_through_the_kernel_as_through_the_plain_modules(monkeypatch):
+    """One optimizer step of DWViT: the kernel path and the PyTorch path agree in loss, gradients and statistics."""
+    config = DWViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, num_labels=3, dw_kernel_sizes=[3, 5])  # fmt: skip
+    torch.manual_seed(5)
+    kernel_model = DWViTForImageClassification(config).train()
+    plain_model = copy.deepcopy(kernel_model)
+    pixel_values, labels = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 0])
+    kernel_loss = kernel_model(pixel_values, labels=labels).loss
+    kernel_loss.backward()
+    monkeypatch.setattr(dw_shortcut_kernel, "load_library", lambda: None)
+    plain_loss = plain_model(pixel_values, labels=labels).loss
+    plain_loss.backward()
+    torch.testing.assert_close(kernel_loss, plain_loss, atol=1e-5, rtol=1e-5)
+    for (name, a), (_, b) in zip(kernel_model.named_parameters(), plain_model.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
+    for (name, a), (_, b) in zip(kernel_model.named_buffers(), plain_model.named_buffers()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_without_a_working_compiler_the_shortcut_warns_once_and_runs_as_pytorch_ops(monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
+    monkeypatch.setenv("DWVIT_KERNEL_CACHE", str(tmp_path))
+    dw_shortcut_kernel.load_library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="fused CPU kernel of the depth-wise shortcut is unavailable"):
+            assert dw_shortcut_kernel.load_library() is None
+        shortcut = make_shortcut(8, [3], training=False)
+        tokens = torch.randn(2, 1 + 9, 8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # warned once, not per call
+            assert not kernel_applies(shortcut, tokens)
+            torch.testing.assert_close(shortcut(tokens, 3, 3, 1), reference_shortcut(shortcut, tokens, 3, 3, 1))
+        assert not list(tmp_path.rglob("*.so"))  # nothing half-built is left in the cache
+    finally:
+        dw_shortcut_kernel.load_library.cache_clear()
+
+
+def test_the_kernel_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("DWVIT_CPU_KERNEL", "0")
+    dw_shortcut_kernel.load_library.cache_clear()
+    try:
+        assert dw_shortcut_kernel.load_library() is None
+        assert not kernel_applies(make_shortcut(8, [3], training=True), torch.randn(2, 9, 8))
+    finally:
+        dw_shortcut_kernel.load_library.cache_clear()
