@@ -49,6 +49,9 @@ class TimedLibrary:
         for name in PASSES:
             setattr(self, name, self._timed(name))
 
+    def __getattr__(self, name):  # the small per-channel functions, untimed
+        return getattr(self.library, name)
+
     def _timed(self, name):
         function = getattr(self.library, name)
 

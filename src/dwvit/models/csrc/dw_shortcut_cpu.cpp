@@ -100,17 +100,20 @@ struct Moments {
   }
 };
 
-void statistics(const float* x, const Shape& s, float* mean, float* variance, float* unbiased_variance, int threads) {
+// With `gelu_out`, each image's GELU values are also written there (batch stride y_stride) for `forward` to read.
+void statistics(const float* x, const Shape& s, float* gelu_out, float* mean, float* variance, float* unbiased_variance,
+                int threads) {
   const int64_t pixels = s.height * s.width, c = s.channels;
   std::vector<Moments> partials(threads, Moments(c));
 #pragma omp parallel num_threads(threads)
   {
-    float* values = scratch(0, pixels * c);
+    float* buffer = scratch(0, pixels * c);
     Moments& local = partials[omp_get_thread_num()];
     std::vector<double> image_mean(c), image_m2(c);
     std::vector<float> sum(c), square(c);
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < s.batch; ++b) {
+      float* values = gelu_out ? gelu_out + b * s.y_stride : buffer;
       gelu_image(x + b * s.x_stride, pixels * c, values);
       std::fill(sum.begin(), sum.end(), 0.0f);
       for (int64_t p = 0; p < pixels; ++p) {
@@ -221,9 +224,9 @@ inline void tap_product_vectors(const float* grads, const float* values, int64_t
 }
 
 // y = bias map + sum over in-grid taps of wa * gelu(x); with `add`, y = add + that. Class-token rows are the
-// caller's.
-void forward(const float* x, const float* wa, const float* ws, const float* bias, const float* add, float* y,
-             const Shape& s, int threads) {
+// caller's. With `gelu_written`, y already holds GELU(x) (from `statistics`), which is read instead of recomputed.
+void forward(const float* x, const float* wa, const float* ws, const float* bias, const float* add, bool gelu_written,
+             float* y, const Shape& s, int threads) {
   const int64_t h_size = s.height, w_size = s.width, c = s.channels, k = s.kernel, pixels = h_size * w_size;
   const std::vector<float> start = bias_map(ws, bias, s);
 #pragma omp parallel num_threads(threads)
@@ -232,8 +235,12 @@ void forward(const float* x, const float* wa, const float* ws, const float* bias
     std::vector<float> acc(c);
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < s.batch; ++b) {
-      gelu_image(x + b * s.x_stride, pixels * c, values);
       float* out = y + b * s.y_stride;
+      if (gelu_written) {
+        std::memcpy(values, out, pixels * c * sizeof(float));
+      } else {
+        gelu_image(x + b * s.x_stride, pixels * c, values);
+      }
       const float* extra = add ? add + b * s.y_stride : nullptr;
       for (int64_t h = 0; h < h_size; ++h) {
         int64_t i0, i1;
@@ -372,19 +379,99 @@ void input_gradient(const float* x, const float* grad, const float* wa, const fl
   }
 }
 
+// The branches of a shortcut, as arrays of per-branch pointers: BatchNorm weight and bias, the depth-wise conv
+// weight `(C, 1, k, k)` and bias, and the `(mean, inverse deviation)` each BatchNorm normalises with.
+struct Branches {
+  int64_t count;
+  const int64_t* sizes;
+  const float* const* norm_weight;
+  const float* const* norm_bias;
+  const float* const* conv_weight;
+  const float* const* conv_bias;
+  const float* const* mean;
+  const float* const* inverse_std;
+};
+
+// Every branch folded into one `kernel x kernel` window (smaller kernels centred): wa = conv * scale,
+// ws = conv * shift per tap, with scale = gamma * inverse_std and shift = beta - mean * scale; bias = sum of biases.
+void fold(const Branches& br, int64_t c, int64_t kernel, float* wa, float* ws, float* bias) {
+  std::fill(wa, wa + kernel * kernel * c, 0.0f);
+  std::fill(ws, ws + kernel * kernel * c, 0.0f);
+  std::fill(bias, bias + c, 0.0f);
+  for (int64_t n = 0; n < br.count; ++n) {
+    const int64_t k = br.sizes[n], inset = (kernel - k) / 2;
+    for (int64_t ch = 0; ch < c; ++ch) {
+      const float scale = br.norm_weight[n][ch] * br.inverse_std[n][ch];
+      const float shift = br.norm_bias[n][ch] - br.mean[n][ch] * scale;
+      bias[ch] += br.conv_bias[n][ch];
+      for (int64_t i = 0; i < k; ++i) {
+        for (int64_t j = 0; j < k; ++j) {
+          const float w = br.conv_weight[n][(ch * k + i) * k + j];
+          const int64_t tap = (i + inset) * kernel + (j + inset);
+          wa[tap * c + ch] += w * scale;
+          ws[tap * c + ch] += w * shift;
+        }
+      }
+    }
+  }
+}
+
+// From the per-tap reductions of `backward_reductions`: each branch's conv weight and bias gradients and BatchNorm
+// weight and bias gradients, the folded scale kernel for the input gradient, and (with batch statistics) the
+// per-channel alpha and beta that carry the gradient through the batch mean and variance.
+void parameter_gradients(const Branches& br, const double* tap_grad, const double* tap_count, int64_t c,
+                         int64_t kernel, double count, bool batch_statistics, float* const* norm_weight_grad,
+                         float* const* norm_bias_grad, float* const* conv_weight_grad, float* const* conv_bias_grad,
+                         float* wa, float* alpha, float* beta) {
+  std::fill(wa, wa + kernel * kernel * c, 0.0f);
+  std::fill(alpha, alpha + c, 0.0f);
+  std::fill(beta, beta + c, 0.0f);
+  const int64_t centre = (kernel * kernel) / 2;  // in the grid for every output: its count is the bias gradient
+  for (int64_t n = 0; n < br.count; ++n) {
+    const int64_t k = br.sizes[n], inset = (kernel - k) / 2;
+    for (int64_t ch = 0; ch < c; ++ch) {
+      const float inverse_std = br.inverse_std[n][ch], mean = br.mean[n][ch];
+      const float scale = br.norm_weight[n][ch] * inverse_std;
+      const float shift = br.norm_bias[n][ch] - mean * scale;
+      double normalized_grad_sum = 0.0, weighted_sum = 0.0;  // sum of dL/d(normalised), and of it times GELU(x)
+      for (int64_t i = 0; i < k; ++i) {
+        for (int64_t j = 0; j < k; ++j) {
+          const int64_t tap = ((i + inset) * kernel + (j + inset)) * c + ch;
+          const float w = br.conv_weight[n][(ch * k + i) * k + j];
+          conv_weight_grad[n][(ch * k + i) * k + j] = float(scale * tap_grad[tap] + shift * tap_count[tap]);
+          normalized_grad_sum += w * tap_count[tap];
+          weighted_sum += w * tap_grad[tap];
+          wa[tap] += w * scale;
+        }
+      }
+      conv_bias_grad[n][ch] = float(tap_count[centre * c + ch]);
+      const double weight_grad = inverse_std * (weighted_sum - mean * normalized_grad_sum);
+      norm_bias_grad[n][ch] = float(normalized_grad_sum);
+      norm_weight_grad[n][ch] = float(weight_grad);
+      if (batch_statistics) {
+        alpha[ch] += float(scale * (inverse_std * weight_grad * mean - normalized_grad_sum) / count);
+        beta[ch] -= float(scale * inverse_std * weight_grad / count);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 extern "C" {
 
-void dws_statistics(const float* x, int64_t batch, int64_t height, int64_t width, int64_t channels, int64_t x_stride,
-                    float* mean, float* variance, float* unbiased_variance, int threads) {
-  statistics(x, Shape{batch, height, width, channels, 1, x_stride, 0, 0}, mean, variance, unbiased_variance, threads);
+void dws_statistics(const float* x, float* gelu_out, int64_t batch, int64_t height, int64_t width, int64_t channels,
+                    int64_t x_stride, int64_t gelu_stride, float* mean, float* variance, float* unbiased_variance,
+                    int threads) {
+  statistics(x, Shape{batch, height, width, channels, 1, x_stride, gelu_stride, 0}, gelu_out, mean, variance,
+             unbiased_variance, threads);
 }
 
-void dws_forward(const float* x, const float* wa, const float* ws, const float* bias, const float* add, float* y,
-                 int64_t batch, int64_t height, int64_t width, int64_t channels, int64_t kernel, int64_t x_stride,
-                 int64_t y_stride, int threads) {
-  forward(x, wa, ws, bias, add, y, Shape{batch, height, width, channels, kernel, x_stride, y_stride, 0}, threads);
+void dws_forward(const float* x, const float* wa, const float* ws, const float* bias, const float* add,
+                 int gelu_written, float* y, int64_t batch, int64_t height, int64_t width, int64_t channels,
+                 int64_t kernel, int64_t x_stride, int64_t y_stride, int threads) {
+  forward(x, wa, ws, bias, add, gelu_written, y, Shape{batch, height, width, channels, kernel, x_stride, y_stride, 0},
+          threads);
 }
 
 void dws_backward_reductions(const float* x, const float* grad, int64_t batch, int64_t height, int64_t width,
@@ -399,6 +486,31 @@ void dws_input_gradient(const float* x, const float* grad, const float* wa, cons
                         int64_t x_stride, int64_t grad_stride, int threads) {
   input_gradient(x, grad, wa, alpha, beta, x_grad, Shape{batch, height, width, channels, kernel, x_stride, 0, grad_stride},
                  threads);
+}
+
+static Branches branches(int64_t count, const int64_t* sizes, const float* const* norm_weight,
+                         const float* const* norm_bias, const float* const* conv_weight, const float* const* conv_bias,
+                         const float* const* mean, const float* const* inverse_std) {
+  return Branches{count, sizes, norm_weight, norm_bias, conv_weight, conv_bias, mean, inverse_std};
+}
+
+void dws_fold(int64_t count, const int64_t* sizes, const float* const* norm_weight, const float* const* norm_bias,
+              const float* const* conv_weight, const float* const* conv_bias, const float* const* mean,
+              const float* const* inverse_std, int64_t channels, int64_t kernel, float* wa, float* ws, float* bias) {
+  fold(branches(count, sizes, norm_weight, norm_bias, conv_weight, conv_bias, mean, inverse_std), channels, kernel, wa,
+       ws, bias);
+}
+
+void dws_parameter_gradients(int64_t count, const int64_t* sizes, const float* const* norm_weight,
+                             const float* const* norm_bias, const float* const* conv_weight,
+                             const float* const* mean, const float* const* inverse_std, const double* tap_grad,
+                             const double* tap_count, int64_t channels, int64_t kernel, double positions,
+                             int batch_statistics, float* const* norm_weight_grad, float* const* norm_bias_grad,
+                             float* const* conv_weight_grad, float* const* conv_bias_grad, float* wa, float* alpha,
+                             float* beta) {
+  parameter_gradients(branches(count, sizes, norm_weight, norm_bias, conv_weight, nullptr, mean, inverse_std), tap_grad,
+                      tap_count, channels, kernel, positions, batch_statistics, norm_weight_grad, norm_bias_grad,
+                      conv_weight_grad, conv_bias_grad, wa, alpha, beta);
 }
 
 }  // extern "C"
