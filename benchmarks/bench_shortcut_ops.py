@@ -7,7 +7,12 @@ same weights where they share them:
 - `kernel`: the shortcut through the fused CPU kernel (`dw_shortcut_kernel.py`, the default);
 - `pytorch ops`: the same shortcut as PyTorch ops (the recomputing node; what runs without a compiler);
 - `add only`: the shortcut replaced by `block_output + tokens`: no GELU, BatchNorm or conv, only one more read of
-  the group input, its gradient and the sum's allocation; the floor for any shortcut that reads its input.
+  the group input, its gradient and the sum's allocation; the floor for any shortcut that reads its input;
+- `gelu only`: the shortcut replaced by `block_output + GELU(tokens)` in PyTorch's ops (GELU forward, its backward,
+  one add): the floor for any shortcut that applies an exact GELU at PyTorch's speed and keeps no activation
+  beyond its input.
+
+The same models are also timed in inference (eval mode, `torch.no_grad`).
 
 Inside the `kernel` model's steps it also times each of the kernel's four passes (batch statistics, forward with
 the add, backward reductions, input gradient) and the Python around them, per shortcut call, and compares each
@@ -91,6 +96,7 @@ def main() -> None:
     models = {"off": build(False), "kernel": build(True)}
     models["pytorch ops"] = copy.deepcopy(models["kernel"])
     models["add only"] = copy.deepcopy(models["kernel"])
+    models["gelu only"] = copy.deepcopy(models["kernel"])
     pixel_values = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
     labels = torch.randint(0, 10, (args.batch_size,))
     optimizers = {name: torch.optim.AdamW(model.parameters()) for name, model in models.items()}
@@ -98,6 +104,11 @@ def main() -> None:
 
     def add_only(self, block_output, tokens, height, width, num_prefix_tokens=0):
         return block_output + tokens
+
+    def gelu_only(self, block_output, tokens, height, width, num_prefix_tokens=0):
+        return block_output + torch.nn.functional.gelu(tokens)
+
+    replacements = {"add only": add_only, "gelu only": gelu_only}
 
     node_seconds = {"forward": 0.0, "backward": 0.0}
     forward_calls = [0]
@@ -117,7 +128,7 @@ def main() -> None:
 
     def step(name):
         def run():
-            DepthwiseShortcut.add_to = add_only if name == "add only" else add_to
+            DepthwiseShortcut.add_to = replacements.get(name, add_to)
             dw_shortcut_kernel.load_library = (lambda: None) if name == "pytorch ops" else (lambda: timed_library)
             timed_library.recording = name == "kernel"
             models[name](pixel_values=pixel_values, labels=labels).loss.backward()
@@ -134,6 +145,19 @@ def main() -> None:
     node_seconds.update(forward=0.0, backward=0.0)
     forward_calls[0] = 0
     times = time_interleaved(steps, args.repeats)
+
+    def inference(name):
+        def run():
+            DepthwiseShortcut.add_to = replacements.get(name, add_to)
+            dw_shortcut_kernel.load_library = (lambda: None) if name == "pytorch ops" else (lambda: library)
+            with torch.no_grad():
+                models[name](pixel_values=pixel_values)
+
+        return run
+
+    for model in models.values():
+        model.eval()
+    inference_times = time_interleaved({name: inference(name) for name in models}, args.repeats)
     DepthwiseShortcut.add_to, dw_shortcut_kernel.load_library = add_to, lambda: library
     off = median(times["off"])
     num_shortcuts = len(models["kernel"].dwvit.encoder.shortcuts)
@@ -150,11 +174,14 @@ def main() -> None:
         f"over it: {warm:.3f} ms warm, {cold:.3f} ms cold\n"
     )
     rows = []
+    inference_off = median(inference_times["off"])
     for name in models:
-        seconds = median(times[name])
+        seconds, inference_seconds = median(times[name]), median(inference_times[name])
         rows.append([name, f"{1000 * seconds:.1f}", f"{seconds / off:.3f}",
-                     f"{1000 * (seconds - off) / num_shortcuts:.2f}"])  # fmt: skip
-    print(format_table(["training step", "ms", "vs off", "ms per shortcut over off"], rows))
+                     f"{1000 * (seconds - off) / num_shortcuts:.2f}", f"{1000 * inference_seconds:.1f}",
+                     f"{inference_seconds / inference_off:.3f}"])  # fmt: skip
+    headers = ["model", "training step ms", "vs off", "ms per shortcut over off", "inference ms", "vs off"]
+    print(format_table(headers, rows))
     print()
     rows = []
     kernel_total = 0.0

@@ -153,6 +153,18 @@ def test_eval_folding_follows_weights_changed_in_place():
     torch.testing.assert_close(shortcut(tokens, 4, 4, 1), reference_shortcut(shortcut, tokens, 4, 4, 1))
 
 
+def test_eval_after_a_training_step_uses_the_moved_running_statistics():
+    """The kernel moves running statistics itself: an eval fold cached before a training step must not be reused."""
+    shortcut = make_shortcut(16, [3, 5], training=False)
+    tokens = torch.randn(4, 1 + 16, 16)
+    shortcut(tokens, 4, 4, 1)
+    versions = [branch.norm.running_var._version for branch in shortcut.branches]
+    shortcut.train()(3 + tokens, 4, 4, 1)
+    assert all(branch.norm.running_var._version > v for branch, v in zip(shortcut.branches, versions))
+    shortcut.eval()
+    torch.testing.assert_close(shortcut(tokens, 4, 4, 1), reference_shortcut(shortcut, tokens, 4, 4, 1))
+
+
 def test_a_forward_hook_on_the_shortcut_sees_its_output_when_it_is_added():
     shortcut = make_shortcut(16, [3], training=True)
     seen = []

@@ -113,9 +113,10 @@ def load_library() -> ctypes.CDLL | None:
         return None
     pointer, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
     library.dws_statistics.argtypes = [pointer, pointer, *[i64] * 6, pointer, pointer, pointer, i32]
-    library.dws_forward.argtypes = [*[pointer] * 5, i32, pointer, *[i64] * 7, i32]
+    library.dws_forward.argtypes = [*[pointer] * 5, i32, pointer, *[i64] * 8, i32]
     library.dws_backward_reductions.argtypes = [pointer, pointer, *[i64] * 7, pointer, pointer, i32]
-    library.dws_input_gradient.argtypes = [*[pointer] * 6, *[i64] * 7, i32]
+    library.dws_input_gradient.argtypes = [*[pointer] * 6, *[i64] * 8, i32]
+    library.dws_running_statistics.argtypes = [i64, *[pointer] * 8, i64]
     library.dws_fold.argtypes = [i64, *[pointer] * 7, i64, i64, pointer, pointer, pointer]
     library.dws_parameter_gradients.argtypes = [i64, *[pointer] * 8, i64, i64, ctypes.c_double, i32]
     library.dws_parameter_gradients.argtypes += [pointer] * 7
@@ -252,15 +253,23 @@ def _batch_statistics(library, patches, gelu_out, shape, threads, branches):
         patches.data_ptr(), gelu_out.data_ptr(), *shape, patches.stride(0), gelu_out.stride(0), mean.data_ptr(),
         variance.data_ptr(), unbiased.data_ptr(), threads,
     )  # fmt: skip
+    momenta = []
+    for branch in branches:
+        norm = branch.norm
+        norm.num_batches_tracked.add_(1)
+        momenta.append(norm.momentum if norm.momentum is not None else 1.0 / float(norm.num_batches_tracked))
+    inverse_std = torch.empty(len(branches), shape[-1])
+    library.dws_running_statistics(
+        len(branches), (ctypes.c_double * len(branches))(*(branch.norm.eps for branch in branches)),
+        (ctypes.c_double * len(branches))(*momenta), mean.data_ptr(), variance.data_ptr(), unbiased.data_ptr(),
+        _pointers([branch.norm.running_mean for branch in branches]),
+        _pointers([branch.norm.running_var for branch in branches]), _pointers(inverse_std), shape[-1],
+    )  # fmt: skip
+    for branch in branches:  # written outside PyTorch: their versions must still move (the eval fold's cache key)
+        torch.autograd.graph.increment_version([branch.norm.running_mean, branch.norm.running_var])
     statistics = []
-    with torch.no_grad():
-        for branch in branches:
-            norm = branch.norm
-            norm.num_batches_tracked.add_(1)
-            momentum = norm.momentum if norm.momentum is not None else 1.0 / float(norm.num_batches_tracked)
-            norm.running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
-            norm.running_var.mul_(1 - momentum).add_(unbiased, alpha=momentum)
-            statistics += [mean, torch.rsqrt(variance + norm.eps)]
+    for row in inverse_std:
+        statistics += [mean, row]
     return statistics
 
 
@@ -273,11 +282,11 @@ class _KernelShortcut(torch.autograd.Function):
         shape = (batch_size, height, width, channels)
         if block_output is None:
             output = tokens.new_empty((batch_size, height * width, channels))
-            written, added = output, None
-        else:
+            written, added, copied = output, None, 0
+        else:  # the kernel copies the class tokens
             output = torch.empty_like(block_output)
-            output[:, :num_prefix_tokens] = block_output[:, :num_prefix_tokens]
             written, added = output[:, num_prefix_tokens:], block_output[:, num_prefix_tokens:]
+            copied = num_prefix_tokens * channels
         batch_statistics = not shortcut.is_fused and shortcut.branches[0].norm.training
         if batch_statistics:
             # The statistics pass leaves GELU(x) in the output, where the forward pass reads it.
@@ -288,7 +297,7 @@ class _KernelShortcut(torch.autograd.Function):
         library.dws_forward(
             patches.data_ptr(), scale_taps.data_ptr(), shift_taps.data_ptr(), bias.data_ptr(),
             None if added is None else added.data_ptr(), int(batch_statistics), written.data_ptr(), *shape, kernel,
-            tokens.stride(0), output.stride(0), threads,
+            tokens.stride(0), output.stride(0), copied, threads,
         )  # fmt: skip
         ctx.shortcut, ctx.grid_shape = shortcut, (height, width, num_prefix_tokens)
         ctx.kernel, ctx.batch_statistics, ctx.adds = kernel, batch_statistics, block_output is not None
@@ -326,12 +335,11 @@ class _KernelShortcut(torch.autograd.Function):
             scale_taps, alpha, beta, parameter_grads = _parameter_gradients(
                 library, threads, patches, output_grad, shape, kernel, ctx.batch_statistics, statistics, shortcut
             )
-        tokens_grad = torch.empty_like(tokens)
-        tokens_grad[:, :num_prefix_tokens] = 0
+        tokens_grad = torch.empty_like(tokens)  # the kernel writes zeros into the class tokens
         library.dws_input_gradient(
             patches.data_ptr(), output_grad.data_ptr(), scale_taps.data_ptr(), alpha.data_ptr(), beta.data_ptr(),
             tokens_grad[:, num_prefix_tokens:].data_ptr(), *shape, kernel, tokens.stride(0), output_grad.stride(0),
-            threads,
+            num_prefix_tokens * channels, threads,
         )  # fmt: skip
         return (tokens_grad, block_grad, None, None, None, None, *parameter_grads)
 

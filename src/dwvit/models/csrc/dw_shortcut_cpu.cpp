@@ -73,6 +73,7 @@ float* scratch(int slot, int64_t count) {
 struct Shape {
   int64_t batch, height, width, channels, kernel;
   int64_t x_stride, y_stride, grad_stride;  // batch strides, in elements
+  int64_t prefix = 0;  // elements before each image's patch rows (class tokens): copied or zeroed per image
 };
 
 // The in-grid tap range [first, last) of one axis for output index `i`: positions i + tap - reach.
@@ -223,8 +224,9 @@ inline void tap_product_vectors(const float* grads, const float* values, int64_t
   for (int n = 0; n < N; ++n) store_vec(out + c0 + n * kLanes, sum[n]);
 }
 
-// y = bias map + sum over in-grid taps of wa * gelu(x); with `add`, y = add + that. Class-token rows are the
-// caller's. With `gelu_written`, y already holds GELU(x) (from `statistics`), which is read instead of recomputed.
+// y = bias map + sum over in-grid taps of wa * gelu(x); with `add`, y = add + that, and the `prefix` elements before
+// each image's patch rows (class tokens) copied from `add`. With `gelu_written`, y already holds GELU(x) (from
+// `statistics`), which is read instead of recomputed.
 void forward(const float* x, const float* wa, const float* ws, const float* bias, const float* add, bool gelu_written,
              float* y, const Shape& s, int threads) {
   const int64_t h_size = s.height, w_size = s.width, c = s.channels, k = s.kernel, pixels = h_size * w_size;
@@ -242,6 +244,7 @@ void forward(const float* x, const float* wa, const float* ws, const float* bias
         gelu_image(x + b * s.x_stride, pixels * c, values);
       }
       const float* extra = add ? add + b * s.y_stride : nullptr;
+      if (extra && s.prefix) std::memcpy(out - s.prefix, extra - s.prefix, s.prefix * sizeof(float));
       for (int64_t h = 0; h < h_size; ++h) {
         int64_t i0, i1;
         tap_range(h, h_size, k, i0, i1);
@@ -344,7 +347,8 @@ void backward_reductions(const float* x, const float* grad, const Shape& s, doub
 }
 
 // x_grad = gelu'(x) * (sum over in-grid taps of wa[tap] * grad[q - tap] + alpha + beta * gelu(x)); alpha and beta
-// carry the BatchNorm batch-statistics terms (zero in eval mode).
+// carry the BatchNorm batch-statistics terms (zero in eval mode). The `prefix` elements before each image's patch
+// rows (class tokens, which the shortcut does not read) get zeros.
 void input_gradient(const float* x, const float* grad, const float* wa, const float* alpha, const float* beta, float* x_grad,
                     const Shape& s, int threads) {
   const int64_t h_size = s.height, w_size = s.width, c = s.channels, k = s.kernel, pixels = h_size * w_size;
@@ -356,6 +360,7 @@ void input_gradient(const float* x, const float* grad, const float* wa, const fl
     for (int64_t b = 0; b < s.batch; ++b) {
       const float* x_b = x + b * s.x_stride;
       float* out = x_grad + b * s.x_stride;
+      if (s.prefix) std::memset(out - s.prefix, 0, s.prefix * sizeof(float));
       std::memcpy(grad_image, grad + b * s.grad_stride, pixels * c * sizeof(float));
       for (int64_t h = 0; h < h_size; ++h) {
         int64_t i0, i1;
@@ -469,9 +474,9 @@ void dws_statistics(const float* x, float* gelu_out, int64_t batch, int64_t heig
 
 void dws_forward(const float* x, const float* wa, const float* ws, const float* bias, const float* add,
                  int gelu_written, float* y, int64_t batch, int64_t height, int64_t width, int64_t channels,
-                 int64_t kernel, int64_t x_stride, int64_t y_stride, int threads) {
-  forward(x, wa, ws, bias, add, gelu_written, y, Shape{batch, height, width, channels, kernel, x_stride, y_stride, 0},
-          threads);
+                 int64_t kernel, int64_t x_stride, int64_t y_stride, int64_t prefix, int threads) {
+  forward(x, wa, ws, bias, add, gelu_written, y,
+          Shape{batch, height, width, channels, kernel, x_stride, y_stride, 0, prefix}, threads);
 }
 
 void dws_backward_reductions(const float* x, const float* grad, int64_t batch, int64_t height, int64_t width,
@@ -483,9 +488,24 @@ void dws_backward_reductions(const float* x, const float* grad, int64_t batch, i
 
 void dws_input_gradient(const float* x, const float* grad, const float* wa, const float* alpha, const float* beta,
                         float* x_grad, int64_t batch, int64_t height, int64_t width, int64_t channels, int64_t kernel,
-                        int64_t x_stride, int64_t grad_stride, int threads) {
-  input_gradient(x, grad, wa, alpha, beta, x_grad, Shape{batch, height, width, channels, kernel, x_stride, 0, grad_stride},
-                 threads);
+                        int64_t x_stride, int64_t grad_stride, int64_t prefix, int threads) {
+  input_gradient(x, grad, wa, alpha, beta, x_grad,
+                 Shape{batch, height, width, channels, kernel, x_stride, 0, grad_stride, prefix}, threads);
+}
+
+// nn.BatchNorm2d's training update of each branch's running statistics from the batch's, and the inverse deviation
+// each branch normalises with: running = (1 - momentum) * running + momentum * batch (the variance unbiased).
+void dws_running_statistics(int64_t count, const double* eps, const double* momentum, const float* mean,
+                            const float* variance, const float* unbiased_variance, float* const* running_mean,
+                            float* const* running_var, float* const* inverse_std, int64_t channels) {
+  for (int64_t n = 0; n < count; ++n) {
+    const float m = float(momentum[n]);
+    for (int64_t ch = 0; ch < channels; ++ch) {
+      running_mean[n][ch] = (1.0f - m) * running_mean[n][ch] + m * mean[ch];
+      running_var[n][ch] = (1.0f - m) * running_var[n][ch] + m * unbiased_variance[ch];
+      inverse_std[n][ch] = 1.0f / std::sqrt(variance[ch] + float(eps[n]));
+    }
+  }
 }
 
 static Branches branches(int64_t count, const int64_t* sizes, const float* const* norm_weight,
