@@ -1,6 +1,6 @@
 """The fused CPU kernel of the depth-wise shortcut (issue 20): values, gradients and BatchNorm statistics against the
 hand computation over grid shapes, kernel sizes and channel counts that reach every code path (vector blocks of 64
-and 16 channels and the single-channel tail; grids smaller than the kernel), the one-pass add, when the kernel
+and 16 channels and the single-channel tail; kernels 3, 5, 7 and others; grids smaller than the kernel), the one-pass add, when the kernel
 steps aside, and its build."""
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ SHAPES = {  # (channels, kernels, grid): every vector width and the tail; grids 
     "c96-k3": (96, [3], (6, 6)),
     "c16-k7-tiny-grid": (16, [7], (2, 3)),
     "c33-k35-one-row": (33, [3, 5], (1, 7)),
+    "c24-k9-any-size": (24, [9], (5, 6)),  # the kernel-size-generic loops (3, 5 and 7 have unrolled ones)
+    "c17-k1": (17, [1], (3, 3)),
 }
 
 

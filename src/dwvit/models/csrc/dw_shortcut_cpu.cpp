@@ -268,6 +268,67 @@ void forward(const float* x, const float* wa, const float* ws, const float* bias
 
 // Per tap and channel: tap_grad = sum_p grad[p] * gelu(x)[p + tap] and tap_count = sum_p grad[p] over the outputs
 // p whose tap lies in the grid; the caller turns them into every weight, bias and BatchNorm gradient.
+// tap_grad for a kernel size known at compile time, from GELU values in a grid padded by K / 2 zeros on each side
+// (out-of-grid taps then add nothing, so every output takes every tap): for each kernel row, K register
+// accumulators per block of channels, one gradient load shared by K products.
+template <int K>
+void tap_products(const float* grads, const float* padded, const Shape& s, float* out) {
+  const int64_t h_size = s.height, w_size = s.width, c = s.channels, padded_width = w_size + K - 1;
+  int64_t c0 = 0;
+  for (; c0 + kLanes <= c; c0 += kLanes) {
+    for (int i = 0; i < K; ++i) {
+      Vec acc[K] = {};
+      for (int64_t h = 0; h < h_size; ++h) {
+        const float* g_row = grads + h * w_size * c + c0;
+        const float* v_row = padded + (h + i) * padded_width * c + c0;
+        for (int64_t w = 0; w < w_size; ++w) {
+          const Vec g = load_vec(g_row + w * c);
+          for (int j = 0; j < K; ++j) acc[j] += g * load_vec(v_row + (w + j) * c);
+        }
+      }
+      for (int j = 0; j < K; ++j) store_vec(out + (i * K + j) * c + c0, acc[j]);
+    }
+  }
+  for (; c0 < c; ++c0) {
+    for (int i = 0; i < K; ++i) {
+      for (int j = 0; j < K; ++j) {
+        float total = 0.0f;
+        for (int64_t h = 0; h < h_size; ++h)
+          for (int64_t w = 0; w < w_size; ++w)
+            total += grads[(h * w_size + w) * c + c0] * padded[((h + i) * padded_width + (w + j)) * c + c0];
+        out[(i * K + j) * c + c0] = total;
+      }
+    }
+  }
+}
+
+// tap_grad for any kernel size: per tap, a register block of channels accumulates over every output whose tap is in
+// the grid.
+void tap_products_any_size(const float* grads, const float* values, const Shape& s, float* out) {
+  const int64_t h_size = s.height, w_size = s.width, c = s.channels, k = s.kernel, reach = k / 2;
+  for (int64_t i = 0; i < k; ++i) {
+    const int64_t h0 = reach - i > 0 ? reach - i : 0, h1 = h_size + reach - i < h_size ? h_size + reach - i : h_size;
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t w0 = reach - j > 0 ? reach - j : 0;
+      const int64_t w1 = w_size + reach - j < w_size ? w_size + reach - j : w_size;
+      const int64_t offset = ((i - reach) * w_size + (j - reach)) * c;
+      float* tap_out = out + (i * k + j) * c;
+      int64_t c0 = 0;
+      for (; c0 + 4 * kLanes <= c; c0 += 4 * kLanes)
+        tap_product_vectors<4>(grads, values, offset, h0, h1, w0, w1, s, c0, tap_out);
+      for (; c0 + kLanes <= c; c0 += kLanes)
+        tap_product_vectors<1>(grads, values, offset, h0, h1, w0, w1, s, c0, tap_out);
+      for (; c0 < c; ++c0) {
+        float total = 0.0f;
+        for (int64_t h = h0; h < h1; ++h)
+          for (int64_t w = w0; w < w1; ++w)
+            total += grads[(h * w_size + w) * c + c0] * values[(h * w_size + w) * c + offset + c0];
+        tap_out[c0] = total;
+      }
+    }
+  }
+}
+
 void backward_reductions(const float* x, const float* grad, const Shape& s, double* tap_grad, double* tap_count,
                          int threads) {
   const int64_t h_size = s.height, w_size = s.width, c = s.channels, k = s.kernel, pixels = h_size * w_size;
@@ -276,35 +337,26 @@ void backward_reductions(const float* x, const float* grad, const Shape& s, doub
 #pragma omp parallel num_threads(threads)
   {
     float* values = scratch(0, pixels * c);
-    float* grads = scratch(1, pixels * c);
     float* prefix = scratch(2, (h_size + 1) * (w_size + 1) * c);
+    // GELU in a zero-bordered grid for the fixed-size paths; the border stays zero across images.
+    const int64_t padded_size = (h_size + k - 1) * (w_size + k - 1) * c;
+    float* padded = scratch(1, padded_size);
+    std::fill(padded, padded + padded_size, 0.0f);
     std::vector<float> image_grad(taps * c);
     std::vector<double> local_grad(taps * c, 0.0), local_count(taps * c, 0.0);
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < s.batch; ++b) {
-      gelu_image(x + b * s.x_stride, pixels * c, values);
-      std::memcpy(grads, grad + b * s.grad_stride, pixels * c * sizeof(float));
-      // tap_grad: per tap, a register block of channels accumulates over every output whose tap is in the grid.
-      for (int64_t i = 0; i < k; ++i) {
-        const int64_t h0 = reach - i > 0 ? reach - i : 0, h1 = h_size + reach - i < h_size ? h_size + reach - i : h_size;
-        for (int64_t j = 0; j < k; ++j) {
-          const int64_t w0 = reach - j > 0 ? reach - j : 0;
-          const int64_t w1 = w_size + reach - j < w_size ? w_size + reach - j : w_size;
-          const int64_t offset = ((i - reach) * w_size + (j - reach)) * c;
-          float* out = image_grad.data() + (i * k + j) * c;
-          int64_t c0 = 0;
-          for (; c0 + 4 * kLanes <= c; c0 += 4 * kLanes)
-            tap_product_vectors<4>(grads, values, offset, h0, h1, w0, w1, s, c0, out);
-          for (; c0 + kLanes <= c; c0 += kLanes)
-            tap_product_vectors<1>(grads, values, offset, h0, h1, w0, w1, s, c0, out);
-          for (; c0 < c; ++c0) {
-            float total = 0.0f;
-            for (int64_t h = h0; h < h1; ++h)
-              for (int64_t w = w0; w < w1; ++w)
-                total += grads[(h * w_size + w) * c + c0] * values[(h * w_size + w) * c + offset + c0];
-            out[c0] = total;
-          }
-        }
+      const float* grads = grad + b * s.grad_stride;
+      if (k == 3 || k == 5 || k == 7) {
+        const int64_t padded_width = w_size + k - 1;
+        for (int64_t h = 0; h < h_size; ++h)
+          gelu_image(x + b * s.x_stride + h * w_size * c, w_size * c, padded + ((h + reach) * padded_width + reach) * c);
+        if (k == 3) tap_products<3>(grads, padded, s, image_grad.data());
+        if (k == 5) tap_products<5>(grads, padded, s, image_grad.data());
+        if (k == 7) tap_products<7>(grads, padded, s, image_grad.data());
+      } else {
+        gelu_image(x + b * s.x_stride, pixels * c, values);
+        tap_products_any_size(grads, values, s, image_grad.data());
       }
       // tap_count: a rectangle sum of the gradient per tap, read from its 2-D prefix sums.
       std::fill(prefix, prefix + (w_size + 1) * c, 0.0f);
@@ -351,17 +403,16 @@ void backward_reductions(const float* x, const float* grad, const Shape& s, doub
 // rows (class tokens, which the shortcut does not read) get zeros.
 void input_gradient(const float* x, const float* grad, const float* wa, const float* alpha, const float* beta, float* x_grad,
                     const Shape& s, int threads) {
-  const int64_t h_size = s.height, w_size = s.width, c = s.channels, k = s.kernel, pixels = h_size * w_size;
+  const int64_t h_size = s.height, w_size = s.width, c = s.channels, k = s.kernel;
 #pragma omp parallel num_threads(threads)
   {
-    float* grad_image = scratch(1, pixels * c);
     std::vector<float> acc(c);
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < s.batch; ++b) {
       const float* x_b = x + b * s.x_stride;
       float* out = x_grad + b * s.x_stride;
       if (s.prefix) std::memset(out - s.prefix, 0, s.prefix * sizeof(float));
-      std::memcpy(grad_image, grad + b * s.grad_stride, pixels * c * sizeof(float));
+      const float* grad_image = grad + b * s.grad_stride;
       for (int64_t h = 0; h < h_size; ++h) {
         int64_t i0, i1;
         tap_range(h, h_size, k, i0, i1);
