@@ -176,37 +176,66 @@ constexpr int64_t kLanes = 16;
 inline Vec load_vec(const float* p) { return *reinterpret_cast<const Vec*>(p); }
 inline void store_vec(float* p, Vec v) { *reinterpret_cast<Vec*>(p) = v; }
 
-// acc[c0 : c0 + N * 16] += sum over taps (i, j) of weight[tap] * image at the position offset by sign * (tap - reach).
-template <int N>
-inline void stencil_vectors(const float* image, const float* weight, int64_t h, int64_t w, int64_t i0, int64_t i1,
-                            int64_t j0, int64_t j1, int64_t sign, const Shape& s, int64_t c0, float* acc) {
-  const int64_t w_size = s.width, c = s.channels, k = s.kernel, reach = k / 2;
-  Vec sum[N];
-  for (int n = 0; n < N; ++n) sum[n] = load_vec(acc + c0 + n * kLanes);
-  for (int64_t i = i0; i < i1; ++i) {
-    const float* v_row = image + (h + sign * (i - reach)) * w_size * c + c0;
-    for (int64_t j = j0; j < j1; ++j) {
-      const float* v = v_row + (w + sign * (j - reach)) * c;
-      const float* a = weight + (i * k + j) * c + c0;
-      for (int n = 0; n < N; ++n) sum[n] += load_vec(a + n * kLanes) * load_vec(v + n * kLanes);
+// row[w] += sum over taps (i, j) of weight[tap] * padded[h + i][w + j] for every w of output row h, where `padded` is
+// an image with K / 2 zeros on each side (out-of-grid taps then add nothing). Four outputs at a time share each
+// weight load; KT fixes the kernel size at compile time (0: the runtime `kernel`).
+template <int KT>
+void stencil_row(const float* padded, const float* weight, const Shape& s, int64_t kernel, int64_t h, float* row) {
+  const int64_t k = KT ? KT : kernel, w_size = s.width, c = s.channels, padded_width = w_size + k - 1;
+  int64_t c0 = 0;
+  for (; c0 + kLanes <= c; c0 += kLanes) {
+    int64_t w = 0;
+    for (; w + 4 <= w_size; w += 4) {
+      Vec acc[4];
+      for (int p = 0; p < 4; ++p) acc[p] = load_vec(row + (w + p) * c + c0);
+      for (int64_t i = 0; i < k; ++i) {
+        const float* v = padded + ((h + i) * padded_width + w) * c + c0;
+        for (int64_t j = 0; j < k; ++j) {
+          const Vec a = load_vec(weight + (i * k + j) * c + c0);
+          for (int p = 0; p < 4; ++p) acc[p] += a * load_vec(v + (p + j) * c);
+        }
+      }
+      for (int p = 0; p < 4; ++p) store_vec(row + (w + p) * c + c0, acc[p]);
+    }
+    for (; w < w_size; ++w) {
+      Vec acc = load_vec(row + w * c + c0);
+      for (int64_t i = 0; i < k; ++i)
+        for (int64_t j = 0; j < k; ++j)
+          acc += load_vec(weight + (i * k + j) * c + c0) * load_vec(padded + ((h + i) * padded_width + w + j) * c + c0);
+      store_vec(row + w * c + c0, acc);
     }
   }
-  for (int n = 0; n < N; ++n) store_vec(acc + c0 + n * kLanes, sum[n]);
+  for (; c0 < c; ++c0)
+    for (int64_t w = 0; w < w_size; ++w)
+      for (int64_t i = 0; i < k; ++i)
+        for (int64_t j = 0; j < k; ++j)
+          row[w * c + c0] += weight[(i * k + j) * c + c0] * padded[((h + i) * padded_width + w + j) * c + c0];
 }
 
-// acc[0:C] += the stencil at one position: four vectors at a time, then one, then single channels.
-inline void stencil(const float* image, const float* weight, int64_t h, int64_t w, int64_t i0, int64_t i1, int64_t j0,
-                    int64_t j1, int64_t sign, const Shape& s, float* acc) {
-  const int64_t c = s.channels, k = s.kernel, reach = k / 2, w_size = s.width;
-  int64_t c0 = 0;
-  for (; c0 + 4 * kLanes <= c; c0 += 4 * kLanes) stencil_vectors<4>(image, weight, h, w, i0, i1, j0, j1, sign, s, c0, acc);
-  for (; c0 + kLanes <= c; c0 += kLanes) stencil_vectors<1>(image, weight, h, w, i0, i1, j0, j1, sign, s, c0, acc);
-  for (; c0 < c; ++c0)
-    for (int64_t i = i0; i < i1; ++i)
-      for (int64_t j = j0; j < j1; ++j)
-        acc[c0] += weight[(i * k + j) * c + c0] *
-                   image[((h + sign * (i - reach)) * w_size + (w + sign * (j - reach))) * c + c0];
+void stencil_row_any(const float* padded, const float* weight, const Shape& s, int64_t h, float* row) {
+  switch (s.kernel) {
+    case 3: return stencil_row<3>(padded, weight, s, 3, h, row);
+    case 5: return stencil_row<5>(padded, weight, s, 5, h, row);
+    case 7: return stencil_row<7>(padded, weight, s, 7, h, row);
+    default: return stencil_row<0>(padded, weight, s, s.kernel, h, row);
+  }
 }
+
+// A per-thread image buffer with K / 2 zeros on each side, cleared once per call: each image then overwrites only its
+// interior (`fill_interior`), so the border stays zero.
+struct PaddedImage {
+  float* data;
+  const Shape& s;
+  PaddedImage(int slot, const Shape& shape) : s(shape) {
+    const int64_t size = (s.height + s.kernel - 1) * (s.width + s.kernel - 1) * s.channels;
+    data = scratch(slot, size);
+    std::fill(data, data + size, 0.0f);
+  }
+  float* row(int64_t h) const {  // where row h of the grid starts
+    const int64_t reach = s.kernel / 2;
+    return data + ((h + reach) * (s.width + s.kernel - 1) + reach) * s.channels;
+  }
+};
 
 // out[c0 : c0 + N * 16] = sum over outputs p in rows [h0, h1) and columns [w0, w1) of grad[p] * values[p + offset].
 template <int N>
@@ -229,37 +258,32 @@ inline void tap_product_vectors(const float* grads, const float* values, int64_t
 // `statistics`), which is read instead of recomputed.
 void forward(const float* x, const float* wa, const float* ws, const float* bias, const float* add, bool gelu_written,
              float* y, const Shape& s, int threads) {
-  const int64_t h_size = s.height, w_size = s.width, c = s.channels, k = s.kernel, pixels = h_size * w_size;
+  const int64_t h_size = s.height, w_size = s.width, c = s.channels, row_size = w_size * c;
   const std::vector<float> start = bias_map(ws, bias, s);
 #pragma omp parallel num_threads(threads)
   {
-    float* values = scratch(0, pixels * c);
-    std::vector<float> acc(c);
+    std::vector<float> row(row_size);
+    const PaddedImage padded(0, s);
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < s.batch; ++b) {
       float* out = y + b * s.y_stride;
-      if (gelu_written) {
-        std::memcpy(values, out, pixels * c * sizeof(float));
-      } else {
-        gelu_image(x + b * s.x_stride, pixels * c, values);
+      const float* x_b = x + b * s.x_stride;
+      for (int64_t h = 0; h < h_size; ++h) {
+        if (gelu_written) std::memcpy(padded.row(h), out + h * row_size, row_size * sizeof(float));
+        else gelu_image(x_b + h * row_size, row_size, padded.row(h));
       }
       const float* extra = add ? add + b * s.y_stride : nullptr;
       if (extra && s.prefix) std::memcpy(out - s.prefix, extra - s.prefix, s.prefix * sizeof(float));
       for (int64_t h = 0; h < h_size; ++h) {
-        int64_t i0, i1;
-        tap_range(h, h_size, k, i0, i1);
-        for (int64_t w = 0; w < w_size; ++w) {
-          int64_t j0, j1;
-          tap_range(w, w_size, k, j0, j1);
-          const int64_t row = (h * w_size + w) * c;
-          std::memcpy(acc.data(), start.data() + row, c * sizeof(float));
-          stencil(values, wa, h, w, i0, i1, j0, j1, 1, s, acc.data());
-          if (extra) {
+        std::memcpy(row.data(), start.data() + h * row_size, row_size * sizeof(float));
+        stencil_row_any(padded.data, wa, s, h, row.data());
+        float* destination = out + h * row_size;
+        if (extra) {
+          const float* block = extra + h * row_size;
 #pragma omp simd
-            for (int64_t ch = 0; ch < c; ++ch) out[row + ch] = acc[ch] + extra[row + ch];
-          } else {
-            std::memcpy(out + row, acc.data(), c * sizeof(float));
-          }
+          for (int64_t n = 0; n < row_size; ++n) destination[n] = row[n] + block[n];
+        } else {
+          std::memcpy(destination, row.data(), row_size * sizeof(float));
         }
       }
     }
@@ -338,22 +362,17 @@ void backward_reductions(const float* x, const float* grad, const Shape& s, doub
   {
     float* values = scratch(0, pixels * c);
     float* prefix = scratch(2, (h_size + 1) * (w_size + 1) * c);
-    // GELU in a zero-bordered grid for the fixed-size paths; the border stays zero across images.
-    const int64_t padded_size = (h_size + k - 1) * (w_size + k - 1) * c;
-    float* padded = scratch(1, padded_size);
-    std::fill(padded, padded + padded_size, 0.0f);
+    const PaddedImage padded(1, s);  // GELU for the fixed-size paths
     std::vector<float> image_grad(taps * c);
     std::vector<double> local_grad(taps * c, 0.0), local_count(taps * c, 0.0);
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < s.batch; ++b) {
       const float* grads = grad + b * s.grad_stride;
       if (k == 3 || k == 5 || k == 7) {
-        const int64_t padded_width = w_size + k - 1;
-        for (int64_t h = 0; h < h_size; ++h)
-          gelu_image(x + b * s.x_stride + h * w_size * c, w_size * c, padded + ((h + reach) * padded_width + reach) * c);
-        if (k == 3) tap_products<3>(grads, padded, s, image_grad.data());
-        if (k == 5) tap_products<5>(grads, padded, s, image_grad.data());
-        if (k == 7) tap_products<7>(grads, padded, s, image_grad.data());
+        for (int64_t h = 0; h < h_size; ++h) gelu_image(x + b * s.x_stride + h * w_size * c, w_size * c, padded.row(h));
+        if (k == 3) tap_products<3>(grads, padded.data, s, image_grad.data());
+        if (k == 5) tap_products<5>(grads, padded.data, s, image_grad.data());
+        if (k == 7) tap_products<7>(grads, padded.data, s, image_grad.data());
       } else {
         gelu_image(x + b * s.x_stride, pixels * c, values);
         tap_products_any_size(grads, values, s, image_grad.data());
@@ -403,31 +422,34 @@ void backward_reductions(const float* x, const float* grad, const Shape& s, doub
 // rows (class tokens, which the shortcut does not read) get zeros.
 void input_gradient(const float* x, const float* grad, const float* wa, const float* alpha, const float* beta, float* x_grad,
                     const Shape& s, int threads) {
-  const int64_t h_size = s.height, w_size = s.width, c = s.channels, k = s.kernel;
+  const int64_t h_size = s.height, w_size = s.width, c = s.channels, k = s.kernel, row_size = w_size * c;
+  // Input q reads output q - (tap - reach) through tap: a stencil of the padded gradient with the kernel flipped.
+  std::vector<float> flipped(k * k * c);
+  for (int64_t tap = 0; tap < k * k; ++tap)
+    std::memcpy(flipped.data() + tap * c, wa + (k * k - 1 - tap) * c, c * sizeof(float));
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> acc(c);
+    std::vector<float> row(row_size);
+    const PaddedImage padded(1, s);
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < s.batch; ++b) {
       const float* x_b = x + b * s.x_stride;
+      const float* grad_b = grad + b * s.grad_stride;
       float* out = x_grad + b * s.x_stride;
       if (s.prefix) std::memset(out - s.prefix, 0, s.prefix * sizeof(float));
-      const float* grad_image = grad + b * s.grad_stride;
+      for (int64_t h = 0; h < h_size; ++h) std::memcpy(padded.row(h), grad_b + h * row_size, row_size * sizeof(float));
       for (int64_t h = 0; h < h_size; ++h) {
-        int64_t i0, i1;
-        tap_range(h, h_size, k, i0, i1);
+        for (int64_t w = 0; w < w_size; ++w) std::memcpy(row.data() + w * c, alpha, c * sizeof(float));
+        stencil_row_any(padded.data, flipped.data(), s, h, row.data());
+        const float* x_row = x_b + h * row_size;
+        float* destination = out + h * row_size;
         for (int64_t w = 0; w < w_size; ++w) {
-          int64_t j0, j1;
-          tap_range(w, w_size, k, j0, j1);
-          // Output p = q - (tap - reach) reads input q through tap; the in-grid taps of q are those of p mirrored.
-          std::memcpy(acc.data(), alpha, c * sizeof(float));
-          stencil(grad_image, wa, h, w, k - i1, k - i0, k - j1, k - j0, -1, s, acc.data());
-          const int64_t row = (h * w_size + w) * c;
 #pragma omp simd
           for (int64_t ch = 0; ch < c; ++ch) {
-            const float value = x_b[row + ch];
-            const Normal n = normal_cdf_pdf(value);
-            out[row + ch] = (n.cdf + value * n.pdf) * (acc[ch] + beta[ch] * value * n.cdf);
+            const int64_t n = w * c + ch;
+            const float value = x_row[n];
+            const Normal normal = normal_cdf_pdf(value);
+            destination[n] = (normal.cdf + value * normal.pdf) * (row[n] + beta[ch] * value * normal.cdf);
           }
         }
       }
