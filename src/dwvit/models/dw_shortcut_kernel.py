@@ -273,32 +273,40 @@ def _batch_statistics(library, patches, gelu_out, shape, threads, branches):
     return statistics
 
 
+def _forward(tokens, block_output, shortcut, height, width, num_prefix_tokens):
+    """The kernel's forward: the shortcut, or `block_output` with it added; also what backward needs."""
+    library, threads = load_library(), torch.get_num_threads()
+    batch_size, channels = tokens.shape[0], tokens.shape[2]
+    patches = tokens[:, num_prefix_tokens:]
+    shape = (batch_size, height, width, channels)
+    if block_output is None:
+        output = tokens.new_empty((batch_size, height * width, channels))
+        written, added, copied = output, None, 0
+    else:  # the kernel copies the class tokens
+        output = torch.empty_like(block_output)
+        written, added = output[:, num_prefix_tokens:], block_output[:, num_prefix_tokens:]
+        copied = num_prefix_tokens * channels
+    batch_statistics = not shortcut.is_fused and shortcut.branches[0].norm.training
+    if batch_statistics:
+        # The statistics pass leaves GELU(x) in the output, where the forward pass reads it.
+        statistics = _batch_statistics(library, patches, written, shape, threads, shortcut.branches)
+        kernel, scale_taps, shift_taps, bias = _fold(library, shortcut, statistics)
+    else:
+        kernel, scale_taps, shift_taps, bias, statistics = _folded_with_running_statistics(library, shortcut)
+    library.dws_forward(
+        patches.data_ptr(), scale_taps.data_ptr(), shift_taps.data_ptr(), bias.data_ptr(),
+        None if added is None else added.data_ptr(), int(batch_statistics), written.data_ptr(), *shape, kernel,
+        tokens.stride(0), output.stride(0), copied, threads,
+    )  # fmt: skip
+    return output, (kernel, batch_statistics, statistics)
+
+
 class _KernelShortcut(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tokens, block_output, shortcut, height, width, num_prefix_tokens, *parameters):
-        library, threads = load_library(), torch.get_num_threads()
-        batch_size, channels = tokens.shape[0], tokens.shape[2]
-        patches = tokens[:, num_prefix_tokens:]
-        shape = (batch_size, height, width, channels)
-        if block_output is None:
-            output = tokens.new_empty((batch_size, height * width, channels))
-            written, added, copied = output, None, 0
-        else:  # the kernel copies the class tokens
-            output = torch.empty_like(block_output)
-            written, added = output[:, num_prefix_tokens:], block_output[:, num_prefix_tokens:]
-            copied = num_prefix_tokens * channels
-        batch_statistics = not shortcut.is_fused and shortcut.branches[0].norm.training
-        if batch_statistics:
-            # The statistics pass leaves GELU(x) in the output, where the forward pass reads it.
-            statistics = _batch_statistics(library, patches, written, shape, threads, shortcut.branches)
-            kernel, scale_taps, shift_taps, bias = _fold(library, shortcut, statistics)
-        else:
-            kernel, scale_taps, shift_taps, bias, statistics = _folded_with_running_statistics(library, shortcut)
-        library.dws_forward(
-            patches.data_ptr(), scale_taps.data_ptr(), shift_taps.data_ptr(), bias.data_ptr(),
-            None if added is None else added.data_ptr(), int(batch_statistics), written.data_ptr(), *shape, kernel,
-            tokens.stride(0), output.stride(0), copied, threads,
-        )  # fmt: skip
+        output, (kernel, batch_statistics, statistics) = _forward(
+            tokens, block_output, shortcut, height, width, num_prefix_tokens
+        )
         ctx.shortcut, ctx.grid_shape = shortcut, (height, width, num_prefix_tokens)
         ctx.kernel, ctx.batch_statistics, ctx.adds = kernel, batch_statistics, block_output is not None
         ctx.fused = shortcut.is_fused
@@ -376,6 +384,8 @@ def kernel_shortcut(shortcut: nn.Module, tokens: torch.Tensor, height: int, widt
                     block_output: torch.Tensor | None = None) -> torch.Tensor:
     """The shortcut of `tokens` through the fused kernel, `(B, H*W, C)`; with `block_output`, that tensor with the
     shortcut added to its patch tokens, in the same pass. Call it where `kernel_applies` (and `kernel_adds`)."""
+    if not torch.is_grad_enabled():  # no graph to record: skip the autograd node's bookkeeping
+        return _forward(tokens, block_output, shortcut, height, width, num_prefix_tokens)[0]
     parameters = []
     if not shortcut.is_fused:
         for branch in shortcut.branches:
