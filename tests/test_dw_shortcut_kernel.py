@@ -1,7 +1,7 @@
 """The fused CPU kernel of the depth-wise shortcut (issue 20): values, gradients and BatchNorm statistics against the
 hand computation over grid shapes, kernel sizes and channel counts that reach every code path (vector blocks of 64
-and 16 channels and the single-channel tail; kernels 3, 5, 7 and others; grids smaller than the kernel), the one-pass add, when the kernel
-steps aside, and its build."""
+and 16 channels and the single-channel tail; kernels 3, 5, 7 and others; grids smaller than the kernel), the
+one-pass add, when the kernel steps aside, and its build."""
 
 from __future__ import annotations
 
@@ -140,7 +140,8 @@ def test_fused_inference_through_the_kernel_matches_the_unfused_modules():
     tokens.requires_grad_()
     (fused_grad,) = torch.autograd.grad(shortcut.add_to(block_output, tokens, 6, 8, 1).sum(), tokens)
     shortcut.unfuse()
-    (unfused_grad,) = torch.autograd.grad(add_shortcut(block_output, reference_shortcut(shortcut, tokens, 6, 8, 1), 1).sum(), tokens)
+    unfused = add_shortcut(block_output, reference_shortcut(shortcut, tokens, 6, 8, 1), 1)
+    (unfused_grad,) = torch.autograd.grad(unfused.sum(), tokens)
     torch.testing.assert_close(fused_grad, unfused_grad, atol=1e-5, rtol=1e-5)
 
 

@@ -1,4 +1,6 @@
-"""Two autograd nodes that make the depth-wise shortcut cheaper to train, each with a reference path in plain ops.
+"""The depth-wise shortcut's PyTorch-ops training path: two autograd nodes, each with a reference path in plain ops.
+Where the fused CPU kernel applies (dw_shortcut_kernel.py) it runs instead; these run without a compiler, under
+autocast, and wherever the kernel steps aside.
 
 `recomputing_shortcut` is the shortcut's training forward (GELU -> BatchNorm2d -> depth-wise conv per branch) as
 one node that keeps only its input (a view of the block input, which the block keeps anyway) and each BatchNorm's
@@ -12,8 +14,8 @@ shortcut for the class tokens and adding would write a second full-size tensor.
 Both are used only where their hand-written backward is known to match: `DepthwiseShortcut` falls back to the
 plain composition under function transforms, graph capture, hooks on its parts, another module in the activation
 slot, or any norm other than a training-mode `nn.BatchNorm2d`. Under autocast the conv runs in the autocast dtype
-as the module would, and backward casts as autograd would. A second-order backward (`create_graph=True`) recomputes the plain
-composition with autograd, so gradient penalties see the exact derivative.
+as the module would, and backward casts as autograd would. A second-order backward (`create_graph=True`)
+recomputes the plain composition with autograd, so gradient penalties see the exact derivative.
 """
 
 from __future__ import annotations
@@ -53,17 +55,19 @@ def _has_hooks(module: nn.Module) -> bool:
     )
 
 
+def _global_hooks_registered() -> bool:
+    """Hooks registered for every module (`register_module_forward_hook` and the like) must see the module calls."""
+    return any((
+        module_hooks._global_forward_hooks, module_hooks._global_forward_pre_hooks,
+        module_hooks._global_backward_hooks, module_hooks._global_backward_pre_hooks,
+    ))  # fmt: skip
+
+
 def recomputation_applies(shortcut: nn.Module, tokens: torch.Tensor) -> bool:
     """Whether `recomputing_shortcut` computes exactly what the modules of `shortcut` would, autograd included."""
     if not (shortcut.training and torch.is_grad_enabled()):
         return False
-    if _capturing_or_transforming():
-        return False
-    global_hooks = (
-        module_hooks._global_forward_hooks, module_hooks._global_forward_pre_hooks,
-        module_hooks._global_backward_hooks, module_hooks._global_backward_pre_hooks,
-    )  # fmt: skip
-    if any(global_hooks):
+    if _capturing_or_transforming() or _global_hooks_registered():
         return False
     activation = shortcut.activation
     if type(activation) is not nn.GELU or _has_hooks(activation):

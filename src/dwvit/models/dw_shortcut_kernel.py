@@ -1,16 +1,17 @@
-"""The depth-wise shortcut as a fused CPU kernel: four passes over the tokens per training step instead of ~22.
+"""The depth-wise shortcut as a fused CPU kernel: four passes over the tokens per training step.
 
 PyTorch runs the shortcut as separate memory-bound ops (GELU, BatchNorm statistics, normalise, conv, their
 backward kernels), each a full pass over a `(batch, tokens, channels)` tensor. `csrc/dw_shortcut_cpu.cpp` folds
-them: the caller turns every branch's BatchNorm and kernel into one k x k scale kernel and shift kernel, and the
-C++ loops compute the batch statistics (one read), the output (one read, one write), the backward reductions
-(two reads) and the input gradient (two reads, one write), recomputing GELU from the tokens each time. What is
-left in Python is per-channel arithmetic on `(k*k, C)` tensors.
+every branch's BatchNorm and kernel into one k x k scale kernel and shift kernel and computes, in one pass each,
+the batch statistics (leaving GELU in the output), the output with the add into the block output, the backward
+reductions, and the input gradient (GELU recomputed from the tokens, so autograd keeps only the input and two
+numbers per channel); the per-channel algebra (folding, running statistics, every parameter gradient) is C too.
+`_KernelShortcut` is the autograd node around it.
 
 The library is compiled on first use with the host C++ compiler (about two seconds) into a cache folder keyed by
 the source, the compiler and the CPU, and loaded with ctypes. Without a compiler, with `DWVIT_CPU_KERNEL=0`, or
-wherever `kernel_applies` says no (graph capture, hooks on the shortcut's parts, other modules in its slots,
-another dtype or device), the shortcut runs as PyTorch ops as before.
+wherever `kernel_applies` says no (graph capture, autocast, hooks on the shortcut's parts, other modules in its
+slots, another dtype or device), the shortcut runs as PyTorch ops (dw_shortcut_autograd.py, dw_layers.py).
 """
 
 from __future__ import annotations
@@ -30,7 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dw_shortcut_autograd import _capturing_or_transforming, _differentiable_backward, _has_hooks, module_hooks
+from .dw_shortcut_autograd import (
+    _capturing_or_transforming,
+    _differentiable_backward,
+    _global_hooks_registered,
+    _has_hooks,
+)
 
 _SOURCE_NAME = "dw_shortcut_cpu.cpp"
 _FLAGS = ["-O3", "-std=gnu++17", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno"]
@@ -99,7 +105,8 @@ def load_library() -> ctypes.CDLL | None:
         return None
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-        key = hashlib.sha256("\0".join([source.read_text(), version, repr((_FLAGS, _arch_flags())), _cpu_signature()]).encode())
+        identity = [source.read_text(), version, repr((_FLAGS, _arch_flags())), _cpu_signature()]
+        key = hashlib.sha256("\0".join(identity).encode())
         target = _cache_dir() / f"dw_shortcut_cpu_{key.hexdigest()[:16]}.so"
         if not target.is_file():
             _compile(source, compiler, target)
@@ -130,13 +137,7 @@ def kernel_applies(shortcut: nn.Module, tokens: torch.Tensor) -> bool:
     BatchNorm into the conv cannot repeat; the PyTorch path keeps those semantics."""
     if tokens.device.type != "cpu" or tokens.dtype != torch.float32 or not tokens.is_contiguous():
         return False
-    if _capturing_or_transforming() or torch.is_autocast_enabled("cpu"):
-        return False
-    global_hooks = (
-        module_hooks._global_forward_hooks, module_hooks._global_forward_pre_hooks,
-        module_hooks._global_backward_hooks, module_hooks._global_backward_pre_hooks,
-    )  # fmt: skip
-    if any(global_hooks):
+    if _capturing_or_transforming() or _global_hooks_registered() or torch.is_autocast_enabled("cpu"):
         return False
     activation = shortcut.activation
     if type(activation) is not nn.GELU or activation.approximate != "none" or _has_hooks(activation):

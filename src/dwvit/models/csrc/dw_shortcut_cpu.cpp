@@ -387,11 +387,13 @@ void backward_reductions(const float* x, const float* grad, const Shape& s, doub
           const float* g = grads + (h * w_size + w) * c;
           float* cell = row + (w + 1) * c;
 #pragma omp simd
-          for (int64_t ch = 0; ch < c; ++ch) cell[ch] = g[ch] + cell[ch - c] + above[(w + 1) * c + ch] - above[w * c + ch];
+          for (int64_t ch = 0; ch < c; ++ch)
+            cell[ch] = g[ch] + cell[ch - c] + above[(w + 1) * c + ch] - above[w * c + ch];
         }
       }
       for (int64_t i = 0; i < k; ++i) {
-        const int64_t h0 = reach - i > 0 ? reach - i : 0, h1 = h_size + reach - i < h_size ? h_size + reach - i : h_size;
+        const int64_t h0 = reach - i > 0 ? reach - i : 0;
+        const int64_t h1 = h_size + reach - i < h_size ? h_size + reach - i : h_size;
         for (int64_t j = 0; j < k; ++j) {
           const int64_t w0 = reach - j > 0 ? reach - j : 0;
           const int64_t w1 = w_size + reach - j < w_size ? w_size + reach - j : w_size;
@@ -420,8 +422,8 @@ void backward_reductions(const float* x, const float* grad, const Shape& s, doub
 // x_grad = gelu'(x) * (sum over in-grid taps of wa[tap] * grad[q - tap] + alpha + beta * gelu(x)); alpha and beta
 // carry the BatchNorm batch-statistics terms (zero in eval mode). The `prefix` elements before each image's patch
 // rows (class tokens, which the shortcut does not read) get zeros.
-void input_gradient(const float* x, const float* grad, const float* wa, const float* alpha, const float* beta, float* x_grad,
-                    const Shape& s, int threads) {
+void input_gradient(const float* x, const float* grad, const float* wa, const float* alpha, const float* beta,
+                    float* x_grad, const Shape& s, int threads) {
   const int64_t h_size = s.height, w_size = s.width, c = s.channels, k = s.kernel, row_size = w_size * c;
   // Input q reads output q - (tap - reach) through tap: a stencil of the padded gradient with the kernel flipped.
   std::vector<float> flipped(k * k * c);
