@@ -21,6 +21,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -79,19 +80,19 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
-def _compile(source: Path, compiler: str, target: Path) -> None:
+def _compile(source: Path, compiler: list[str], target: Path) -> None:
     """Build the library into `target` whole or not at all (a temporary file renamed into place)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = Path(scratch) / target.name
         for arch in _arch_flags():
             result = subprocess.run(
-                [compiler, *_FLAGS, *arch, str(source), "-o", str(built)], capture_output=True, text=True
+                [*compiler, *_FLAGS, *arch, str(source), "-o", str(built)], capture_output=True, text=True
             )
             if result.returncode == 0:
                 os.replace(built, target)
                 return
-        raise RuntimeError(f"{compiler} could not build {source.name}: {result.stderr.strip()[-2000:]}")
+        raise RuntimeError(f"{' '.join(compiler)} could not build {source.name}: {result.stderr.strip()[-2000:]}")
 
 
 @functools.cache
@@ -100,11 +101,11 @@ def load_library() -> ctypes.CDLL | None:
     if os.environ.get("DWVIT_CPU_KERNEL", "1") == "0" or platform.system() != "Linux":
         return None
     source = _source_path()
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if source is None or compiler is None:
+    compiler = shlex.split(os.environ.get("CXX", "")) or [shutil.which("g++") or shutil.which("c++")]
+    if source is None or compiler[0] is None:
         return None
     try:
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+        version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
         identity = [source.read_text(), version, repr((_FLAGS, _arch_flags())), _cpu_signature()]
         key = hashlib.sha256("\0".join(identity).encode())
         target = _cache_dir() / f"dw_shortcut_cpu_{key.hexdigest()[:16]}.so"
