@@ -13,7 +13,7 @@ import torch.utils.checkpoint
 from torch import nn
 from transformers import initialization as init
 
-from .dw_shortcut_autograd import (  # noqa: F401 (add_shortcut is used by every family from here)
+from .dw_shortcut_autograd import (
     add_shortcut,
     grid_tokens,
     patch_grid,
@@ -100,7 +100,7 @@ class DepthwiseShortcut(nn.Module):
 
     def forward(self, tokens: torch.Tensor, height: int, width: int, num_prefix_tokens: int = 0) -> torch.Tensor:
         self._check_grid(tokens, height, width, num_prefix_tokens)
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+        if self._checkpointing():
             return torch.utils.checkpoint.checkpoint(
                 reference_shortcut,
                 self,
@@ -123,11 +123,13 @@ class DepthwiseShortcut(nn.Module):
         after a block group. Where the fused CPU kernel applies, the sum is written in the shortcut's own pass;
         otherwise (or with forward hooks on this module, which must see its output) it is
         `add_shortcut(block_output, self(tokens, ...), num_prefix_tokens)`."""
-        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        if not checkpointing and kernel_adds(self, block_output, tokens):
+        if not self._checkpointing() and kernel_adds(self, block_output, tokens):
             self._check_grid(tokens, height, width, num_prefix_tokens)
             return kernel_shortcut(self, tokens, height, width, num_prefix_tokens, block_output)
         return add_shortcut(block_output, self(tokens, height, width, num_prefix_tokens), num_prefix_tokens)
+
+    def _checkpointing(self) -> bool:
+        return self.gradient_checkpointing and self.training and torch.is_grad_enabled()
 
     @staticmethod
     def _check_grid(tokens: torch.Tensor, height: int, width: int, num_prefix_tokens: int) -> None:

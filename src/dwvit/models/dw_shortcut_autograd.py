@@ -63,26 +63,34 @@ def _global_hooks_registered() -> bool:
     ))  # fmt: skip
 
 
-def recomputation_applies(shortcut: nn.Module, tokens: torch.Tensor) -> bool:
-    """Whether `recomputing_shortcut` computes exactly what the modules of `shortcut` would, autograd included."""
-    if not (shortcut.training and torch.is_grad_enabled()):
-        return False
+def _runs_as_plain_modules(shortcut: nn.Module, branches: bool = True) -> bool:
+    """Whether a hand-written path may stand in for the modules of `shortcut`: no graph capture or function
+    transform, no hooks (global, on the activation, a branch, its norm or its conv), an `nn.GELU` activation and,
+    when `branches`, in each branch an affine, statistics-tracking `nn.BatchNorm2d` and a zero-padded `nn.Conv2d`
+    with a bias. Shared by the recomputing node and the fused kernel."""
     if _capturing_or_transforming() or _global_hooks_registered():
         return False
     activation = shortcut.activation
     if type(activation) is not nn.GELU or _has_hooks(activation):
         return False
+    if not branches:
+        return True
     for branch in shortcut.branches:
         norm, conv = branch.norm, branch.conv
-        if _has_hooks(branch):
+        if _has_hooks(branch) or _has_hooks(norm) or _has_hooks(conv):
             return False
-        if type(norm) is not nn.BatchNorm2d or not (norm.training and norm.affine and norm.track_running_stats):
+        if type(norm) is not nn.BatchNorm2d or not (norm.affine and norm.track_running_stats):
             return False
         if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or conv.bias is None:
             return False
-        if _has_hooks(norm) or _has_hooks(conv):
-            return False
     return True
+
+
+def recomputation_applies(shortcut: nn.Module, tokens: torch.Tensor) -> bool:
+    """Whether `recomputing_shortcut` computes exactly what the modules of `shortcut` would, autograd included."""
+    if not (shortcut.training and torch.is_grad_enabled()):
+        return False
+    return _runs_as_plain_modules(shortcut) and all(branch.norm.training for branch in shortcut.branches)
 
 
 def _batch_norm_training(norm: nn.BatchNorm2d, grid: torch.Tensor):

@@ -32,12 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dw_shortcut_autograd import (
-    _capturing_or_transforming,
-    _differentiable_backward,
-    _global_hooks_registered,
-    _has_hooks,
-)
+from .dw_shortcut_autograd import _differentiable_backward, _has_hooks, _runs_as_plain_modules
 
 _SOURCE_NAME = "dw_shortcut_cpu.cpp"
 _FLAGS = ["-O3", "-std=gnu++17", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno"]
@@ -138,22 +133,16 @@ def kernel_applies(shortcut: nn.Module, tokens: torch.Tensor) -> bool:
     BatchNorm into the conv cannot repeat; the PyTorch path keeps those semantics."""
     if tokens.device.type != "cpu" or tokens.dtype != torch.float32 or not tokens.is_contiguous():
         return False
-    if _capturing_or_transforming() or _global_hooks_registered() or torch.is_autocast_enabled("cpu"):
+    if torch.is_autocast_enabled("cpu") or not _runs_as_plain_modules(shortcut, branches=not shortcut.is_fused):
         return False
-    activation = shortcut.activation
-    if type(activation) is not nn.GELU or activation.approximate != "none" or _has_hooks(activation):
+    if shortcut.activation.approximate != "none":
         return False
     if shortcut.is_fused:
         return shortcut.fused_weight.dtype == torch.float32 and load_library() is not None
+    training = shortcut.branches[0].norm.training
     for branch in shortcut.branches:
         norm, conv = branch.norm, branch.conv
-        if _has_hooks(branch) or _has_hooks(norm) or _has_hooks(conv):
-            return False
-        if type(norm) is not nn.BatchNorm2d or not (norm.affine and norm.track_running_stats):
-            return False
-        if norm.training != shortcut.branches[0].norm.training:
-            return False
-        if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or conv.bias is None:
+        if norm.training != training:
             return False
         if any(tensor.dtype != torch.float32 for tensor in (norm.weight, norm.running_mean, conv.weight)):
             return False

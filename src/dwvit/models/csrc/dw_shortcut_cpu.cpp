@@ -101,20 +101,19 @@ struct Moments {
   }
 };
 
-// With `gelu_out`, each image's GELU values are also written there (batch stride y_stride) for `forward` to read.
+// Each image's GELU values are also written to `gelu_out` (batch stride y_stride), where `forward` reads them.
 void statistics(const float* x, const Shape& s, float* gelu_out, float* mean, float* variance, float* unbiased_variance,
                 int threads) {
   const int64_t pixels = s.height * s.width, c = s.channels;
   std::vector<Moments> partials(threads, Moments(c));
 #pragma omp parallel num_threads(threads)
   {
-    float* buffer = scratch(0, pixels * c);
     Moments& local = partials[omp_get_thread_num()];
     std::vector<double> image_mean(c), image_m2(c);
     std::vector<float> sum(c), square(c);
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < s.batch; ++b) {
-      float* values = gelu_out ? gelu_out + b * s.y_stride : buffer;
+      float* values = gelu_out + b * s.y_stride;
       gelu_image(x + b * s.x_stride, pixels * c, values);
       std::fill(sum.begin(), sum.end(), 0.0f);
       for (int64_t p = 0; p < pixels; ++p) {
