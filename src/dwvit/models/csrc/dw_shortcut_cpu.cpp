@@ -70,6 +70,17 @@ float* scratch(int slot, int64_t count) {
   return buffer.data();
 }
 
+// Requests `count` floats from `p` into cache ahead of use. The statistics, forward and reduction passes ask for the
+// next image, a row at a time while computing the current one: their tensors arrive cold from the model's other
+// layers, and the arithmetic of an image otherwise waited on its loads (inside a training step the reductions took
+// 1.3 ms instead of 1.1). The input gradient, whose inputs the reductions have just read, measured no gain.
+inline void prefetch_read(const float* p, int64_t count) {
+  for (int64_t n = 0; n < count; n += 16) __builtin_prefetch(p + n, 0, 3);
+}
+inline void prefetch_write(float* p, int64_t count) {
+  for (int64_t n = 0; n < count; n += 16) __builtin_prefetch(p + n, 1, 3);
+}
+
 struct Shape {
   int64_t batch, height, width, channels, kernel;
   int64_t x_stride, y_stride, grad_stride;  // batch strides, in elements
@@ -114,7 +125,12 @@ void statistics(const float* x, const Shape& s, float* gelu_out, float* mean, fl
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < s.batch; ++b) {
       float* values = gelu_out + b * s.y_stride;
-      gelu_image(x + b * s.x_stride, pixels * c, values);
+      const bool next = b + 1 < s.batch;
+      for (int64_t p = 0; p < pixels; ++p) {
+        gelu_image(x + b * s.x_stride + p * c, c, values + p * c);
+        if (next) prefetch_read(x + (b + 1) * s.x_stride + p * c, c);
+        if (next) prefetch_write(values + s.y_stride + p * c, c);
+      }
       std::fill(sum.begin(), sum.end(), 0.0f);
       for (int64_t p = 0; p < pixels; ++p) {
 #pragma omp simd
@@ -274,6 +290,7 @@ void forward(const float* x, const float* wa, const float* ws, const float* bias
       const float* extra = add ? add + b * s.y_stride : nullptr;
       if (extra && s.prefix) std::memcpy(out - s.prefix, extra - s.prefix, s.prefix * sizeof(float));
       for (int64_t h = 0; h < h_size; ++h) {
+        if (b + 1 < s.batch) prefetch_read(out + s.y_stride + h * row_size, row_size);
         std::memcpy(row.data(), start.data() + h * row_size, row_size * sizeof(float));
         stencil_row_any(padded.data, wa, s, h, row.data());
         float* destination = out + h * row_size;
@@ -368,7 +385,13 @@ void backward_reductions(const float* x, const float* grad, const Shape& s, doub
     for (int64_t b = 0; b < s.batch; ++b) {
       const float* grads = grad + b * s.grad_stride;
       if (k == 3 || k == 5 || k == 7) {
-        for (int64_t h = 0; h < h_size; ++h) gelu_image(x + b * s.x_stride + h * w_size * c, w_size * c, padded.row(h));
+        for (int64_t h = 0; h < h_size; ++h) {
+          gelu_image(x + b * s.x_stride + h * w_size * c, w_size * c, padded.row(h));
+          if (b + 1 < s.batch) {
+            prefetch_read(x + (b + 1) * s.x_stride + h * w_size * c, w_size * c);
+            prefetch_read(grads + s.grad_stride + h * w_size * c, w_size * c);
+          }
+        }
         if (k == 3) tap_products<3>(grads, padded.data, s, image_grad.data());
         if (k == 5) tap_products<5>(grads, padded.data, s, image_grad.data());
         if (k == 7) tap_products<7>(grads, padded.data, s, image_grad.data());
