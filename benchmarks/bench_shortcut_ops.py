@@ -43,30 +43,10 @@ SIZES = {
     "studies": dict(hidden_size=128, num_hidden_layers=6, num_attention_heads=4, intermediate_size=512),
     "vit-tiny": dict(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768),
 }
-PASSES = ["dws_statistics", "dws_forward", "dws_backward_reductions", "dws_input_gradient"]
-SMALL = ["dws_running_statistics", "dws_fold", "dws_parameter_gradients"]  # per-channel work, single-threaded
-FORWARD = ["dws_statistics", "dws_forward", "dws_running_statistics", "dws_fold"]
-
-
-class TimedLibrary:
-    """The kernel library with a stopwatch on each of its functions."""
-
-    def __init__(self, library):
-        self.library, self.seconds, self.recording = library, dict.fromkeys(PASSES + SMALL, 0.0), False
-        for name in PASSES + SMALL:
-            setattr(self, name, self._timed(name))
-
-    def _timed(self, name):
-        function = getattr(self.library, name)
-
-        def run(*args):
-            start = time.perf_counter()
-            result = function(*args)
-            if self.recording:
-                self.seconds[name] += time.perf_counter() - start
-            return result
-
-        return run
+# dw_shortcut_kernel.pass_seconds counters, in its order
+PASSES = ["batch statistics", "forward (with the add)", "backward reductions", "input gradient"]
+COUNTERS = {"batch statistics": 0, "forward (with the add)": 2, "backward reductions": 3, "input gradient": 5}
+PER_CHANNEL = [1, 4]  # folding and running statistics; parameter gradients (single-threaded)
 
 
 def main() -> None:
@@ -82,7 +62,7 @@ def main() -> None:
     library = dw_shortcut_kernel.load_library()
     if library is None:
         sys.exit("the fused kernel is unavailable here (no C++ compiler, or DWVIT_CPU_KERNEL=0)")
-    timed_library = TimedLibrary(library)
+    counters, recording = torch.zeros(6, dtype=torch.float64), [False]
 
     def build(on: bool) -> DWViTForImageClassification:
         torch.manual_seed(0)
@@ -118,7 +98,7 @@ def main() -> None:
         def timed(ctx, *inputs, _function=function, _phase=phase):
             start = time.perf_counter()
             result = _function(ctx, *inputs)
-            if timed_library.recording:
+            if recording[0]:
                 node_seconds[_phase] += time.perf_counter() - start
                 forward_calls[0] += _phase == "forward"
             return result
@@ -128,19 +108,20 @@ def main() -> None:
     def step(name):
         def run():
             DepthwiseShortcut.add_to = replacements.get(name, add_to)
-            dw_shortcut_kernel.load_library = (lambda: None) if name == "pytorch ops" else (lambda: timed_library)
-            timed_library.recording = name == "kernel"
+            dw_shortcut_kernel.load_library = (lambda: None) if name == "pytorch ops" else (lambda: library)
+            recording[0] = name == "kernel"
+            dw_shortcut_kernel.pass_seconds = counters if recording[0] else None
             models[name](pixel_values=pixel_values, labels=labels).loss.backward()
             optimizers[name].step()
             optimizers[name].zero_grad(set_to_none=True)
-            timed_library.recording = False
+            recording[0], dw_shortcut_kernel.pass_seconds = False, None
 
         return run
 
     steps = {name: step(name) for name in models}
     for run in steps.values():
         run()  # optimizer state
-    timed_library.seconds = dict.fromkeys(PASSES + SMALL, 0.0)
+    counters.zero_()
     node_seconds.update(forward=0.0, backward=0.0)
     forward_calls[0] = 0
     times = time_interleaved(steps, args.repeats)
@@ -183,19 +164,14 @@ def main() -> None:
     print(format_table(headers, rows))
     print()
     rows = []
-    kernel_total = 0.0
+    milliseconds = (1000 * counters / calls).tolist()
     for name in PASSES:
-        milliseconds = 1000 * timed_library.seconds[name] / calls
-        kernel_total += milliseconds
-        rows.append([name, f"{milliseconds:.3f}", f"{milliseconds / cold:.1f}"])
-    small = 1000 * sum(timed_library.seconds[name] for name in SMALL) / calls
+        rows.append([name, f"{milliseconds[COUNTERS[name]]:.3f}", f"{milliseconds[COUNTERS[name]] / cold:.1f}"])
+    small = sum(milliseconds[index] for index in PER_CHANNEL)
     rows.append(["folding, running statistics, parameter gradients (per-channel C)", f"{small:.3f}", ""])
-    for phase in node_seconds:
-        inside = sum(
-            seconds for name, seconds in timed_library.seconds.items() if (name in FORWARD) == (phase == "forward")
-        )
+    for phase, inside in (("forward", sum(milliseconds[:3])), ("backward", sum(milliseconds[3:]))):
         rows.append([f"Python and allocations in the {phase} node",
-                     f"{1000 * (node_seconds[phase] - inside) / calls:.3f}", ""])  # fmt: skip
+                     f"{1000 * node_seconds[phase] / calls - inside:.3f}", ""])  # fmt: skip
     node_total = 1000 * sum(node_seconds.values()) / calls
     rows.append(["**the kernel's two autograd nodes**", f"**{node_total:.3f}**", f"{node_total / cold:.1f}"])
     print(format_table(["inside the kernel model's steps, per shortcut", "ms", "cold plain-add passes"], rows))

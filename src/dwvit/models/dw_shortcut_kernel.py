@@ -115,14 +115,11 @@ def load_library() -> ctypes.CDLL | None:
         )
         return None
     pointer, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-    library.dws_statistics.argtypes = [pointer, pointer, *[i64] * 6, pointer, pointer, pointer, i32]
-    library.dws_forward.argtypes = [*[pointer] * 5, i32, pointer, *[i64] * 8, i32]
-    library.dws_backward_reductions.argtypes = [pointer, pointer, *[i64] * 7, pointer, pointer, i32]
+    library.dws_training_forward.argtypes = [*[pointer] * 3, *[i64] * 9, *[pointer] * 4, i32, pointer]
+    library.dws_training_backward.argtypes = [*[pointer] * 3, *[i64] * 9, pointer, pointer, i32, i32, pointer]
+    library.dws_forward.argtypes = [*[pointer] * 6, *[i64] * 8, i32]
     library.dws_input_gradient.argtypes = [*[pointer] * 6, *[i64] * 8, i32]
-    library.dws_running_statistics.argtypes = [i64, *[pointer] * 8, i64]
-    library.dws_fold.argtypes = [i64, *[pointer] * 7, i64, i64, pointer, pointer, pointer]
-    library.dws_parameter_gradients.argtypes = [i64, *[pointer] * 8, i64, i64, ctypes.c_double, i32]
-    library.dws_parameter_gradients.argtypes += [pointer] * 7
+    library.dws_fold.argtypes = [i64, pointer, pointer, i64, i64, pointer, pointer, pointer]
     return library
 
 
@@ -170,21 +167,29 @@ def _taps(weight: torch.Tensor, kernel: int) -> torch.Tensor:
     return weight.reshape(weight.shape[0], kernel * kernel).t()
 
 
-def _pointers(tensors) -> ctypes.Array:
-    return (ctypes.c_void_p * len(tensors))(*(tensor.data_ptr() for tensor in tensors))
+# Optional profile of the training passes: a float64 tensor of six seconds counters (statistics, forward per-channel
+# work, forward; reductions, backward per-channel work, input gradient) that the kernel adds to; benchmarks set it.
+pass_seconds: torch.Tensor | None = None
 
 
-def _branch_arguments(shortcut: nn.Module, statistics, with_conv_bias: bool = True) -> list:
-    """The per-branch pointer arrays of the C side's `Branches`: sizes, BatchNorm weight and bias, conv weight (and
-    bias), and the `(mean, inverse_std)` pairs in `statistics`."""
-    branches = shortcut.branches
+def _seconds_pointer(offset: int):
+    return None if pass_seconds is None else pass_seconds.data_ptr() + 8 * offset
+
+
+def _branch_table(branches, statistics, gradients=()) -> tuple:
+    """The C side's per-branch `Table` (groups in its `Group` order: BatchNorm weight and bias, conv weight and bias,
+    running mean and variance, the `(mean, inverse_std)` pairs in `statistics`, and with `gradients` the four
+    gradients of each branch in parameter order) and the branches' kernel sizes, as ctypes arrays."""
+    groups = [[], [], [], [], [], [], [], [], [], [], [], []]
+    for index, branch in enumerate(branches):
+        norm, conv = branch.norm, branch.conv
+        tensors = [norm.weight, norm.bias, conv.weight, conv.bias, norm.running_mean, norm.running_var,
+                   statistics[2 * index], statistics[2 * index + 1], *gradients[4 * index : 4 * index + 4]]  # fmt: skip
+        for group, tensor in zip(groups, tensors):
+            group.append(tensor.data_ptr())
+    pointers = [pointer for group in groups for pointer in group]
     sizes = (ctypes.c_int64 * len(branches))(*(branch.conv.kernel_size[0] for branch in branches))
-    arguments = [len(branches), sizes, _pointers([branch.norm.weight for branch in branches]),
-                 _pointers([branch.norm.bias for branch in branches]),
-                 _pointers([branch.conv.weight for branch in branches])]  # fmt: skip
-    if with_conv_bias:
-        arguments.append(_pointers([branch.conv.bias for branch in branches]))
-    return arguments + [_pointers(statistics[0::2]), _pointers(statistics[1::2])]
+    return sizes, (ctypes.c_void_p * len(pointers))(*pointers)
 
 
 def _fold(library, shortcut: nn.Module, statistics):
@@ -195,14 +200,14 @@ def _fold(library, shortcut: nn.Module, statistics):
         scale_taps = _taps(shortcut.fused_weight, kernel).contiguous()
         shift_taps = _taps(shortcut.fused_shift_weight.float(), kernel).contiguous()
         return kernel, scale_taps, shift_taps, shortcut.fused_bias.float().contiguous()
-    kernel = max(branch.conv.kernel_size[0] for branch in shortcut.branches)
+    kernel = _largest_kernel(shortcut.branches)
     channels = shortcut.branches[0].norm.num_features
     buffer = torch.empty((2 * kernel * kernel + 1) * channels)
     scale_taps, shift_taps = buffer[: 2 * kernel * kernel * channels].view(2, kernel * kernel, channels).unbind()
     bias = buffer[2 * kernel * kernel * channels :]
     library.dws_fold(
-        *_branch_arguments(shortcut, statistics), channels, kernel, scale_taps.data_ptr(), shift_taps.data_ptr(),
-        bias.data_ptr(),
+        len(shortcut.branches), *_branch_table(shortcut.branches, statistics), channels, kernel,
+        scale_taps.data_ptr(), shift_taps.data_ptr(), bias.data_ptr(),
     )  # fmt: skip
     return kernel, scale_taps, shift_taps, bias
 
@@ -234,62 +239,59 @@ def _folded_with_running_statistics(library, shortcut: nn.Module):
     return folded
 
 
-def _batch_statistics(library, patches, gelu_out, shape, threads, branches):
-    """Each branch's `(mean, inverse_std)` of GELU(patches) over the batch, writing GELU(patches) into `gelu_out`;
-    moves every branch's running statistics exactly as `nn.BatchNorm2d` does (unbiased variance, momentum or a
-    cumulative average)."""
-    moments = torch.empty(3, shape[-1])
-    mean, variance, unbiased = moments.unbind()
-    library.dws_statistics(
-        patches.data_ptr(), gelu_out.data_ptr(), *shape, patches.stride(0), gelu_out.stride(0), mean.data_ptr(),
-        variance.data_ptr(), unbiased.data_ptr(), threads,
-    )  # fmt: skip
-    momenta = []
-    for branch in branches:
+def _training_forward(library, tokens, block_output, output, shortcut, shape, num_prefix_tokens, threads):
+    """The forward with batch statistics, in one call: statistics, each branch's running statistics moved exactly
+    as `nn.BatchNorm2d` moves them (unbiased variance, momentum or a cumulative average), folding and the forward
+    pass. Returns each branch's `(mean, inverse_std)`, what backward normalises with."""
+    branches = shortcut.branches
+    rows = torch.empty(1 + len(branches), shape[-1]).unbind()  # the batch mean, then each branch's inverse deviation
+    statistics, eps, momenta = [], [], []
+    for index, branch in enumerate(branches):
         norm = branch.norm
         norm.num_batches_tracked.add_(1)
+        statistics += [rows[0], rows[1 + index]]
+        eps.append(norm.eps)
         momenta.append(norm.momentum if norm.momentum is not None else 1.0 / float(norm.num_batches_tracked))
-    inverse_std = torch.empty(len(branches), shape[-1])
-    library.dws_running_statistics(
-        len(branches), (ctypes.c_double * len(branches))(*(branch.norm.eps for branch in branches)),
-        (ctypes.c_double * len(branches))(*momenta), mean.data_ptr(), variance.data_ptr(), unbiased.data_ptr(),
-        _pointers([branch.norm.running_mean for branch in branches]),
-        _pointers([branch.norm.running_var for branch in branches]), _pointers(inverse_std), shape[-1],
+    offset = num_prefix_tokens * shape[-1] * 4  # bytes to the first patch token (float32, contiguous rows)
+    library.dws_training_forward(
+        tokens.data_ptr() + offset, None if block_output is None else block_output.data_ptr() + offset,
+        output.data_ptr() + (0 if block_output is None else offset), *shape, _largest_kernel(branches),
+        tokens.stride(0), output.stride(0), 0 if block_output is None else offset // 4, len(branches),
+        *_branch_table(branches, statistics), (ctypes.c_double * len(eps))(*eps),
+        (ctypes.c_double * len(momenta))(*momenta), threads, _seconds_pointer(0),
     )  # fmt: skip
-    for branch in branches:  # written outside PyTorch: their versions must still move (the eval fold's cache key)
-        torch.autograd.graph.increment_version([branch.norm.running_mean, branch.norm.running_var])
-    statistics = []
-    for row in inverse_std:
-        statistics += [mean, row]
+    # written outside PyTorch: their versions must still move (the eval fold's cache key)
+    torch.autograd.graph.increment_version([tensor for branch in branches for tensor in
+                                            (branch.norm.running_mean, branch.norm.running_var)])  # fmt: skip
     return statistics
+
+
+def _largest_kernel(branches) -> int:
+    return max(branch.conv.kernel_size[0] for branch in branches)
 
 
 def _forward(tokens, block_output, shortcut, height, width, num_prefix_tokens):
     """The kernel's forward: the shortcut, or `block_output` with it added; also what backward needs."""
     library, threads = load_library(), torch.get_num_threads()
     batch_size, channels = tokens.shape[0], tokens.shape[2]
-    patches = tokens[:, num_prefix_tokens:]
     shape = (batch_size, height, width, channels)
     if block_output is None:
         output = tokens.new_empty((batch_size, height * width, channels))
-        written, added, copied = output, None, 0
     else:  # the kernel copies the class tokens
         output = torch.empty_like(block_output)
-        written, added = output[:, num_prefix_tokens:], block_output[:, num_prefix_tokens:]
-        copied = num_prefix_tokens * channels
-    batch_statistics = not shortcut.is_fused and shortcut.branches[0].norm.training
-    if batch_statistics:
-        # The statistics pass leaves GELU(x) in the output, where the forward pass reads it.
-        statistics = _batch_statistics(library, patches, written, shape, threads, shortcut.branches)
-        kernel, scale_taps, shift_taps, bias = _fold(library, shortcut, statistics)
-    else:
-        kernel, scale_taps, shift_taps, bias, statistics = _folded_with_running_statistics(library, shortcut)
+    if not shortcut.is_fused and shortcut.branches[0].norm.training:
+        statistics = _training_forward(library, tokens, block_output, output, shortcut, shape, num_prefix_tokens,
+                                       threads)  # fmt: skip
+        return output, (_largest_kernel(shortcut.branches), True, statistics)
+    kernel, scale_taps, shift_taps, bias, statistics = _folded_with_running_statistics(library, shortcut)
+    offset = num_prefix_tokens * channels * 4
     library.dws_forward(
-        patches.data_ptr(), scale_taps.data_ptr(), shift_taps.data_ptr(), bias.data_ptr(),
-        None if added is None else added.data_ptr(), int(batch_statistics), written.data_ptr(), *shape, kernel,
-        tokens.stride(0), output.stride(0), copied, threads,
+        tokens.data_ptr() + offset, scale_taps.data_ptr(), shift_taps.data_ptr(), bias.data_ptr(),
+        None if block_output is None else block_output.data_ptr() + offset,
+        output.data_ptr() + (0 if block_output is None else offset), *shape, kernel, tokens.stride(0),
+        output.stride(0), 0 if block_output is None else offset // 4, threads,
     )  # fmt: skip
-    return output, (kernel, batch_statistics, statistics)
+    return output, (kernel, False, statistics)
 
 
 class _KernelShortcut(torch.autograd.Function):
@@ -310,65 +312,40 @@ class _KernelShortcut(torch.autograd.Function):
         shortcut, (height, width, num_prefix_tokens) = ctx.shortcut, ctx.grid_shape
         tokens, *saved = ctx.saved_tensors
         block_grad = output_grad if ctx.adds else None
-        if ctx.adds:
-            output_grad = output_grad[:, num_prefix_tokens:]
         fused_weight = saved.pop(0) if ctx.fused else None
         num_branches = 0 if fused_weight is not None else len(shortcut.branches)
         statistics, parameters = saved[: 2 * num_branches], saved[2 * num_branches :]
         if torch.is_grad_enabled():
+            patches_grad = output_grad[:, num_prefix_tokens:] if ctx.adds else output_grad
             tokens_grad, *parameter_grads = _differentiable_backward(
-                shortcut, tokens, parameters, output_grad, ctx.grid_shape
+                shortcut, tokens, parameters, patches_grad, ctx.grid_shape
             )
             return (tokens_grad, block_grad, None, None, None, None, *parameter_grads)
 
         library, threads, kernel = load_library(), torch.get_num_threads(), ctx.kernel
         batch_size, channels = tokens.shape[0], tokens.shape[2]
         shape = (batch_size, height, width, channels)
-        if output_grad.stride(-1) != 1 or output_grad.stride(1) != channels:
+        if not output_grad.is_contiguous():
             output_grad = output_grad.contiguous()
-        patches = tokens[:, num_prefix_tokens:]
-        if fused_weight is not None:
-            scale_taps, parameter_grads = _taps(fused_weight, kernel).contiguous(), []
-            alpha = beta = torch.zeros(channels)
-        else:
-            scale_taps, alpha, beta, parameter_grads = _parameter_gradients(
-                library, threads, patches, output_grad, shape, kernel, ctx.batch_statistics, statistics, shortcut
-            )
+        offset = num_prefix_tokens * channels * 4  # bytes to the first patch token
+        grad_offset = offset if ctx.adds else 0
         tokens_grad = torch.empty_like(tokens)  # the kernel writes zeros into the class tokens
-        library.dws_input_gradient(
-            patches.data_ptr(), output_grad.data_ptr(), scale_taps.data_ptr(), alpha.data_ptr(), beta.data_ptr(),
-            tokens_grad[:, num_prefix_tokens:].data_ptr(), *shape, kernel, tokens.stride(0), output_grad.stride(0),
-            num_prefix_tokens * channels, threads,
+        pointers = (tokens.data_ptr() + offset, output_grad.data_ptr() + grad_offset, tokens_grad.data_ptr() + offset)
+        if fused_weight is not None:
+            scale_taps, no_statistics = _taps(fused_weight, kernel).contiguous(), torch.zeros(channels)
+            library.dws_input_gradient(
+                pointers[0], pointers[1], scale_taps.data_ptr(), no_statistics.data_ptr(), no_statistics.data_ptr(),
+                pointers[2], *shape, kernel, tokens.stride(0), output_grad.stride(0), offset // 4,
+                threads,
+            )  # fmt: skip
+            return (tokens_grad, block_grad, None, None, None, None)
+        parameter_grads = [torch.empty_like(parameter) for parameter in parameters]
+        library.dws_training_backward(
+            *pointers, *shape, kernel, tokens.stride(0), output_grad.stride(0), offset // 4, num_branches,
+            *_branch_table(shortcut.branches, statistics, parameter_grads), int(ctx.batch_statistics), threads,
+            _seconds_pointer(3),
         )  # fmt: skip
         return (tokens_grad, block_grad, None, None, None, None, *parameter_grads)
-
-
-def _parameter_gradients(library, threads, patches, output_grad, shape, kernel, batch_statistics, statistics,
-                         shortcut):
-    """Every branch's BatchNorm and conv gradients from two per-tap reductions, and what the input gradient needs:
-    the folded scale kernel and the per-channel terms `alpha + beta * GELU(x)` of BatchNorm's batch statistics."""
-    channels = shape[-1]
-    # tap_grad[tap] = sum_p grad[p] * GELU(x)[p + tap]; tap_count[tap] = sum_p grad[p], over p with p + tap in grid.
-    reductions = torch.zeros(2, kernel * kernel, channels, dtype=torch.float64)
-    tap_grad, tap_count = reductions.unbind()
-    library.dws_backward_reductions(
-        patches.data_ptr(), output_grad.data_ptr(), *shape, kernel, patches.stride(0), output_grad.stride(0),
-        tap_grad.data_ptr(), tap_count.data_ptr(), threads,
-    )  # fmt: skip
-    parameter_grads = []
-    for branch in shortcut.branches:
-        parameter_grads += [torch.empty_like(branch.norm.weight), torch.empty_like(branch.norm.bias),
-                            torch.empty_like(branch.conv.weight), torch.empty_like(branch.conv.bias)]  # fmt: skip
-    buffer = torch.empty((kernel * kernel + 2) * channels)
-    scale_taps = buffer[: kernel * kernel * channels]
-    alpha, beta = buffer[kernel * kernel * channels :].view(2, channels).unbind()
-    library.dws_parameter_gradients(
-        *_branch_arguments(shortcut, statistics, with_conv_bias=False), tap_grad.data_ptr(), tap_count.data_ptr(),
-        channels, kernel, float(shape[0] * shape[1] * shape[2]), int(batch_statistics),
-        *(_pointers(parameter_grads[start::4]) for start in range(4)), scale_taps.data_ptr(), alpha.data_ptr(),
-        beta.data_ptr(),
-    )  # fmt: skip
-    return scale_taps, alpha, beta, parameter_grads
 
 
 def kernel_shortcut(shortcut: nn.Module, tokens: torch.Tensor, height: int, width: int, num_prefix_tokens: int,

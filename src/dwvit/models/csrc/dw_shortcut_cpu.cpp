@@ -558,43 +558,11 @@ void parameter_gradients(const Branches& br, const double* tap_grad, const doubl
   }
 }
 
-}  // namespace
-
-extern "C" {
-
-void dws_statistics(const float* x, float* gelu_out, int64_t batch, int64_t height, int64_t width, int64_t channels,
-                    int64_t x_stride, int64_t gelu_stride, float* mean, float* variance, float* unbiased_variance,
-                    int threads) {
-  statistics(x, Shape{batch, height, width, channels, 1, x_stride, gelu_stride, 0}, gelu_out, mean, variance,
-             unbiased_variance, threads);
-}
-
-void dws_forward(const float* x, const float* wa, const float* ws, const float* bias, const float* add,
-                 int gelu_written, float* y, int64_t batch, int64_t height, int64_t width, int64_t channels,
-                 int64_t kernel, int64_t x_stride, int64_t y_stride, int64_t prefix, int threads) {
-  forward(x, wa, ws, bias, add, gelu_written, y,
-          Shape{batch, height, width, channels, kernel, x_stride, y_stride, 0, prefix}, threads);
-}
-
-void dws_backward_reductions(const float* x, const float* grad, int64_t batch, int64_t height, int64_t width,
-                             int64_t channels, int64_t kernel, int64_t x_stride, int64_t grad_stride, double* tap_grad,
-                             double* tap_count, int threads) {
-  backward_reductions(x, grad, Shape{batch, height, width, channels, kernel, x_stride, 0, grad_stride}, tap_grad,
-                      tap_count, threads);
-}
-
-void dws_input_gradient(const float* x, const float* grad, const float* wa, const float* alpha, const float* beta,
-                        float* x_grad, int64_t batch, int64_t height, int64_t width, int64_t channels, int64_t kernel,
-                        int64_t x_stride, int64_t grad_stride, int64_t prefix, int threads) {
-  input_gradient(x, grad, wa, alpha, beta, x_grad,
-                 Shape{batch, height, width, channels, kernel, x_stride, 0, grad_stride, prefix}, threads);
-}
-
 // nn.BatchNorm2d's training update of each branch's running statistics from the batch's, and the inverse deviation
 // each branch normalises with: running = (1 - momentum) * running + momentum * batch (the variance unbiased).
-void dws_running_statistics(int64_t count, const double* eps, const double* momentum, const float* mean,
-                            const float* variance, const float* unbiased_variance, float* const* running_mean,
-                            float* const* running_var, float* const* inverse_std, int64_t channels) {
+void running_statistics(int64_t count, const double* eps, const double* momentum, const float* mean,
+                        const float* variance, const float* unbiased_variance, float* const* running_mean,
+                        float* const* running_var, float* const* inverse_std, int64_t channels) {
   for (int64_t n = 0; n < count; ++n) {
     const float m = float(momentum[n]);
     for (int64_t ch = 0; ch < channels; ++ch) {
@@ -605,29 +573,112 @@ void dws_running_statistics(int64_t count, const double* eps, const double* mome
   }
 }
 
-static Branches branches(int64_t count, const int64_t* sizes, const float* const* norm_weight,
-                         const float* const* norm_bias, const float* const* conv_weight, const float* const* conv_bias,
-                         const float* const* mean, const float* const* inverse_std) {
-  return Branches{count, sizes, norm_weight, norm_bias, conv_weight, conv_bias, mean, inverse_std};
+// The per-branch tensors come from Python as one table of pointers: group g holds one pointer per branch and starts
+// at table[g * count] (one ctypes array per call instead of one per field).
+enum Group {
+  kNormWeight, kNormBias, kConvWeight, kConvBias, kRunningMean, kRunningVar, kMean, kInverseStd,
+  kNormWeightGrad, kNormBiasGrad, kConvWeightGrad, kConvBiasGrad,
+};
+
+struct Table {
+  int64_t count;
+  void* const* pointers;
+  float* const* group(Group g) const { return reinterpret_cast<float* const*>(pointers + g * count); }
+  Branches branches(const int64_t* sizes) const {
+    return Branches{count, sizes, group(kNormWeight), group(kNormBias), group(kConvWeight), group(kConvBias),
+                    group(kMean), group(kInverseStd)};
+  }
+};
+
+// Adds the seconds since the last lap to seconds[phase], where the caller asked for a profile (`seconds` non-null).
+struct Stopwatch {
+  double* seconds;
+  double last = omp_get_wtime();
+  void lap(int phase) {
+    if (!seconds) return;
+    const double now = omp_get_wtime();
+    seconds[phase] += now - last;
+    last = now;
+  }
+};
+
+}  // namespace
+
+extern "C" {
+
+// A training-mode forward with batch statistics: the statistics pass (mean into the table's kMean[0], GELU into y),
+// every branch's running statistics and inverse deviation (kInverseStd), the folding, and the forward pass.
+// seconds (optional): statistics, per-channel work, forward.
+void dws_training_forward(const float* x, const float* add, float* y, int64_t batch, int64_t height, int64_t width,
+                          int64_t channels, int64_t kernel, int64_t x_stride, int64_t y_stride, int64_t prefix,
+                          int64_t count, const int64_t* sizes, void* const* table, const double* eps,
+                          const double* momentum, int threads, double* seconds) {
+  const Shape s{batch, height, width, channels, kernel, x_stride, y_stride, 0, prefix};
+  const Table t{count, table};
+  Stopwatch clock{seconds};
+  std::vector<float> moments(2 * channels);
+  float* mean = t.group(kMean)[0];
+  statistics(x, s, y, mean, moments.data(), moments.data() + channels, threads);
+  clock.lap(0);
+  running_statistics(count, eps, momentum, mean, moments.data(), moments.data() + channels, t.group(kRunningMean),
+                     t.group(kRunningVar), t.group(kInverseStd), channels);
+  std::vector<float> folded((2 * kernel * kernel + 1) * channels);
+  float* wa = folded.data();
+  float* ws = wa + kernel * kernel * channels;
+  float* bias = ws + kernel * kernel * channels;
+  fold(t.branches(sizes), channels, kernel, wa, ws, bias);
+  clock.lap(1);
+  forward(x, wa, ws, bias, add, true, y, s, threads);
+  clock.lap(2);
 }
 
-void dws_fold(int64_t count, const int64_t* sizes, const float* const* norm_weight, const float* const* norm_bias,
-              const float* const* conv_weight, const float* const* conv_bias, const float* const* mean,
-              const float* const* inverse_std, int64_t channels, int64_t kernel, float* wa, float* ws, float* bias) {
-  fold(branches(count, sizes, norm_weight, norm_bias, conv_weight, conv_bias, mean, inverse_std), channels, kernel, wa,
-       ws, bias);
+// The training backward: the per-tap reductions, every branch's parameter gradients (into the table's gradient
+// groups) and the input gradient (batch-statistics terms with `batch_statistics`, else the normalisation by kMean and
+// kInverseStd held fixed). seconds (optional): reductions, per-channel work, input gradient.
+void dws_training_backward(const float* x, const float* grad, float* x_grad, int64_t batch, int64_t height,
+                           int64_t width, int64_t channels, int64_t kernel, int64_t x_stride, int64_t grad_stride,
+                           int64_t prefix, int64_t count, const int64_t* sizes, void* const* table,
+                           int batch_statistics, int threads, double* seconds) {
+  const Shape s{batch, height, width, channels, kernel, x_stride, 0, grad_stride, prefix};
+  const Table t{count, table};
+  Stopwatch clock{seconds};
+  std::vector<double> reductions(2 * kernel * kernel * channels, 0.0);
+  double* tap_grad = reductions.data();
+  double* tap_count = tap_grad + kernel * kernel * channels;
+  backward_reductions(x, grad, s, tap_grad, tap_count, threads);
+  clock.lap(0);
+  std::vector<float> terms((kernel * kernel + 2) * channels);
+  float* wa = terms.data();
+  float* alpha = wa + kernel * kernel * channels;
+  float* beta = alpha + channels;
+  parameter_gradients(t.branches(sizes), tap_grad, tap_count, channels, kernel, double(batch * height * width),
+                      batch_statistics, t.group(kNormWeightGrad), t.group(kNormBiasGrad), t.group(kConvWeightGrad),
+                      t.group(kConvBiasGrad), wa, alpha, beta);
+  clock.lap(1);
+  input_gradient(x, grad, wa, alpha, beta, x_grad, s, threads);
+  clock.lap(2);
 }
 
-void dws_parameter_gradients(int64_t count, const int64_t* sizes, const float* const* norm_weight,
-                             const float* const* norm_bias, const float* const* conv_weight,
-                             const float* const* mean, const float* const* inverse_std, const double* tap_grad,
-                             const double* tap_count, int64_t channels, int64_t kernel, double positions,
-                             int batch_statistics, float* const* norm_weight_grad, float* const* norm_bias_grad,
-                             float* const* conv_weight_grad, float* const* conv_bias_grad, float* wa, float* alpha,
-                             float* beta) {
-  parameter_gradients(branches(count, sizes, norm_weight, norm_bias, conv_weight, nullptr, mean, inverse_std), tap_grad,
-                      tap_count, channels, kernel, positions, batch_statistics, norm_weight_grad, norm_bias_grad,
-                      conv_weight_grad, conv_bias_grad, wa, alpha, beta);
+// The forward from folded kernels (eval mode, or the fused form): see `forward`.
+void dws_forward(const float* x, const float* wa, const float* ws, const float* bias, const float* add, float* y,
+                 int64_t batch, int64_t height, int64_t width, int64_t channels, int64_t kernel, int64_t x_stride,
+                 int64_t y_stride, int64_t prefix, int threads) {
+  forward(x, wa, ws, bias, add, false, y, Shape{batch, height, width, channels, kernel, x_stride, y_stride, 0, prefix},
+          threads);
+}
+
+// The input gradient with a fixed folded scale kernel (the fused form: no batch-statistics terms).
+void dws_input_gradient(const float* x, const float* grad, const float* wa, const float* alpha, const float* beta,
+                        float* x_grad, int64_t batch, int64_t height, int64_t width, int64_t channels, int64_t kernel,
+                        int64_t x_stride, int64_t grad_stride, int64_t prefix, int threads) {
+  input_gradient(x, grad, wa, alpha, beta, x_grad,
+                 Shape{batch, height, width, channels, kernel, x_stride, 0, grad_stride, prefix}, threads);
+}
+
+// Every branch folded with the table's kMean / kInverseStd (eval mode: the running statistics): see `fold`.
+void dws_fold(int64_t count, const int64_t* sizes, void* const* table, int64_t channels, int64_t kernel, float* wa,
+              float* ws, float* bias) {
+  fold(Table{count, table}.branches(sizes), channels, kernel, wa, ws, bias);
 }
 
 }  // extern "C"
