@@ -83,6 +83,25 @@ def test_kernel_matches_the_hand_computation(shape, num_prefix_tokens, training)
     assert torch.equal(tokens, tokens_before) and torch.equal(block_output, block_before)
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_kernel_gelu_holds_over_the_whole_input_range(training):
+    """The kernel's GELU (a clamped rational erf, and A&S 7.1.26 in the input gradient) against the exact function in
+    float64, on tokens from -30 to 30: the clamp, both tails and the centre."""
+    shortcut = make_shortcut(32, [3], training)
+    exact = copy.deepcopy(shortcut).double()
+    order = torch.randperm(2 * 65 * 32, generator=torch.Generator().manual_seed(9))
+    tokens = torch.linspace(-30, 30, 2 * 65 * 32)[order].reshape(2, 65, 32).requires_grad_()
+    weights = torch.randn(2, 64, 32)
+    assert kernel_applies(shortcut, tokens)
+    output = shortcut(tokens, 8, 8, 1)
+    branches = [(branch.norm, branch.conv) for branch in exact.branches]
+    expected = hand_shortcut(tokens.double(), (8, 8), branches, training, 1)[:, 1:]
+    torch.testing.assert_close(output.double(), expected, atol=2e-5, rtol=1e-5)
+    (grad,) = torch.autograd.grad((output * weights).sum(), tokens)
+    (expected_grad,) = torch.autograd.grad((expected * weights.double()).sum(), tokens)
+    torch.testing.assert_close(grad.double(), expected_grad.double(), atol=2e-5, rtol=1e-4)
+
+
 def test_statistics_stay_exact_when_the_mean_dwarfs_the_deviation():
     """Large activations with a small spread: a sum of squares in float would cancel; BatchNorm's own update is
     the reference."""
