@@ -12,7 +12,11 @@ same weights where they share them:
   one add): the floor for any shortcut that applies an exact GELU at PyTorch's speed and keeps no activation
   beyond its input.
 
-The same models are also timed in inference (eval mode, `torch.no_grad`).
+The same models are also timed in inference (eval mode, `torch.no_grad`). The table also gives each model's minor
+page faults per training step (fresh pages from the allocator, which glibc's default malloc maps and returns for
+large blocks; the count moves the step time and differs between models, so run it also with
+`GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296`, which keeps freed
+blocks, to see the ratios without it).
 
 Inside the `kernel` model's steps it also times each of the kernel's four passes (batch statistics, forward with
 the add, backward reductions, input gradient) and the Python around them, per shortcut call, and compares each
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import resource
 import sys
 import time
 
@@ -111,13 +116,16 @@ def main() -> None:
             dw_shortcut_kernel.load_library = (lambda: None) if name == "pytorch ops" else (lambda: library)
             recording[0] = name == "kernel"
             dw_shortcut_kernel.pass_seconds = counters if recording[0] else None
+            faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             models[name](pixel_values=pixel_values, labels=labels).loss.backward()
             optimizers[name].step()
             optimizers[name].zero_grad(set_to_none=True)
+            page_faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before)
             recording[0], dw_shortcut_kernel.pass_seconds = False, None
 
         return run
 
+    page_faults = {name: [] for name in models}  # minor faults per training step: fresh pages from the allocator
     steps = {name: step(name) for name in models}
     for run in steps.values():
         run()  # optimizer state
@@ -159,8 +167,9 @@ def main() -> None:
         seconds, inference_seconds = median(times[name]), median(inference_times[name])
         rows.append([name, f"{1000 * seconds:.1f}", f"{seconds / off:.3f}",
                      f"{1000 * (seconds - off) / num_shortcuts:.2f}", f"{1000 * inference_seconds:.1f}",
-                     f"{inference_seconds / inference_off:.3f}"])  # fmt: skip
-    headers = ["model", "training step ms", "vs off", "ms per shortcut over off", "inference ms", "vs off"]
+                     f"{inference_seconds / inference_off:.3f}", f"{median(page_faults[name][-args.repeats:]):.0f}"])  # fmt: skip
+    headers = ["model", "training step ms", "vs off", "ms per shortcut over off", "inference ms", "vs off",
+               "page faults per step"]
     print(format_table(headers, rows))
     print()
     rows = []
