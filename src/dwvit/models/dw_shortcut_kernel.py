@@ -177,20 +177,23 @@ def _seconds_pointer(offset: int):
     return None if pass_seconds is None else pass_seconds.data_ptr() + 8 * offset
 
 
-def _branch_table(branches, statistics, gradients=()) -> tuple:
-    """The C side's per-branch `Table` (groups in its `Group` order: BatchNorm weight and bias, conv weight and bias,
-    running mean and variance, the `(mean, inverse_std)` pairs in `statistics`, and with `gradients` the four
-    gradients of each branch in parameter order) and the branches' kernel sizes, as ctypes arrays."""
-    groups = [[], [], [], [], [], [], [], [], [], [], [], []]
+def _pointer_table(rows) -> tuple:
+    """The C side's per-branch `Table` from one row of tensors (or `None`) per branch in its `Group` order (BatchNorm
+    weight and bias, conv weight and bias, running mean and variance, the normalising mean and inverse deviation,
+    then the four gradients), and the branches' kernel sizes (from the conv weights), as ctypes arrays."""
+    pointers = [0 if row[group] is None else row[group].data_ptr() for group in range(len(rows[0])) for row in rows]
+    sizes = (ctypes.c_int64 * len(rows))(*(row[2].shape[-1] for row in rows))
+    return sizes, (ctypes.c_void_p * len(pointers))(*pointers)
+
+
+def _branch_table(branches, statistics) -> tuple:
+    """`_pointer_table` of the modules' tensors, with the `(mean, inverse_std)` pairs in `statistics`."""
+    rows = []
     for index, branch in enumerate(branches):
         norm, conv = branch.norm, branch.conv
-        tensors = [norm.weight, norm.bias, conv.weight, conv.bias, norm.running_mean, norm.running_var,
-                   statistics[2 * index], statistics[2 * index + 1], *gradients[4 * index : 4 * index + 4]]  # fmt: skip
-        for group, tensor in zip(groups, tensors):
-            group.append(tensor.data_ptr())
-    pointers = [pointer for group in groups for pointer in group]
-    sizes = (ctypes.c_int64 * len(branches))(*(branch.conv.kernel_size[0] for branch in branches))
-    return sizes, (ctypes.c_void_p * len(pointers))(*pointers)
+        rows.append([norm.weight, norm.bias, conv.weight, conv.bias, norm.running_mean, norm.running_var,
+                     statistics[2 * index], statistics[2 * index + 1]])  # fmt: skip
+    return _pointer_table(rows)
 
 
 def _fold(library, shortcut: nn.Module, statistics):
@@ -341,10 +344,12 @@ class _KernelShortcut(torch.autograd.Function):
             )  # fmt: skip
             return (tokens_grad, block_grad, None, None, None, None)
         parameter_grads = [torch.empty_like(parameter) for parameter in parameters]
+        # From the saved tensors alone (the running statistics are not read in backward).
+        rows = [[*parameters[4 * n : 4 * n + 4], None, None, *statistics[2 * n : 2 * n + 2],
+                 *parameter_grads[4 * n : 4 * n + 4]] for n in range(num_branches)]  # fmt: skip
         library.dws_training_backward(
             *pointers, *shape, kernel, tokens.stride(0), output_grad.stride(0), offset // 4, num_branches,
-            *_branch_table(shortcut.branches, statistics, parameter_grads), int(ctx.batch_statistics), threads,
-            _seconds_pointer(3),
+            *_pointer_table(rows), int(ctx.batch_statistics), threads, _seconds_pointer(3),
         )  # fmt: skip
         return (tokens_grad, block_grad, None, None, None, None, *parameter_grads)
 
