@@ -165,11 +165,12 @@ def main() -> None:
     inference_off = median(inference_times["off"])
     for name in models:
         seconds, inference_seconds = median(times[name]), median(inference_times[name])
+        faults = median(page_faults[name][-args.repeats :])
         rows.append([name, f"{1000 * seconds:.1f}", f"{seconds / off:.3f}",
                      f"{1000 * (seconds - off) / num_shortcuts:.2f}", f"{1000 * inference_seconds:.1f}",
-                     f"{inference_seconds / inference_off:.3f}", f"{median(page_faults[name][-args.repeats:]):.0f}"])  # fmt: skip
-    headers = ["model", "training step ms", "vs off", "ms per shortcut over off", "inference ms", "vs off",
-               "page faults per step"]
+                     f"{inference_seconds / inference_off:.3f}", f"{faults:.0f}"])  # fmt: skip
+    headers = ["model", "training step ms", "training vs off", "ms per shortcut over off", "inference ms",
+               "inference vs off", "page faults per step"]
     print(format_table(headers, rows))
     print()
     rows = []

@@ -102,6 +102,24 @@ def test_kernel_gelu_holds_over_the_whole_input_range(training):
     torch.testing.assert_close(grad.double(), expected_grad.double(), atol=2e-5, rtol=1e-4)
 
 
+def test_kernel_gelu_keeps_the_sign_of_its_input_and_the_exact_value():
+    """An eval shortcut whose BatchNorm and 1x1 conv are the identity outputs the kernel's GELU itself: it never has
+    the opposite sign of its input nor exceeds it (Phi within [0, 1]), and is within 1e-6 of the float64 GELU."""
+    shortcut = DepthwiseShortcut(16, [1]).eval()
+    with torch.no_grad():
+        norm, conv = shortcut.branches[0].norm, shortcut.branches[0].conv
+        norm.running_mean.zero_(), norm.running_var.fill_(1 - norm.eps), norm.weight.fill_(1), norm.bias.zero_()
+        conv.weight.fill_(1), conv.bias.zero_()
+    tokens = torch.linspace(-12, 12, 480_000).reshape(125, 15 * 16, 16)
+    assert kernel_applies(shortcut, tokens)
+    with torch.no_grad():
+        gelu = shortcut(tokens, 15, 16)
+    exact = tokens.double() * 0.5 * torch.erfc(-tokens.double() / 2**0.5)
+    negative, positive = tokens < 0, tokens > 0
+    assert (gelu[negative] <= 0).all() and (gelu[positive] >= 0).all() and (gelu[positive] <= tokens[positive]).all()
+    torch.testing.assert_close(gelu.double(), exact, atol=1e-6, rtol=0)
+
+
 def test_statistics_stay_exact_when_the_mean_dwarfs_the_deviation():
     """Large activations with a small spread: a sum of squares in float would cancel; BatchNorm's own update is
     the reference."""

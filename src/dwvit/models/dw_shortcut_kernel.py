@@ -174,7 +174,15 @@ pass_seconds: torch.Tensor | None = None
 
 
 def _seconds_pointer(offset: int):
-    return None if pass_seconds is None else pass_seconds.data_ptr() + 8 * offset
+    if pass_seconds is None:
+        return None
+    counters = pass_seconds
+    if counters.dtype != torch.float64 or counters.device.type != "cpu" or not counters.is_contiguous():
+        raise ValueError(f"pass_seconds must be a contiguous float64 CPU tensor of 6 counters, got {counters.dtype} "
+                         f"on {counters.device}")  # fmt: skip
+    if counters.numel() < 6:
+        raise ValueError(f"pass_seconds must hold 6 counters, got {counters.numel()}")
+    return counters.data_ptr() + 8 * offset
 
 
 def _pointer_table(rows) -> tuple:
@@ -317,7 +325,7 @@ class _KernelShortcut(torch.autograd.Function):
         tokens, *saved = ctx.saved_tensors
         block_grad = output_grad if ctx.adds else None
         fused_weight = saved.pop(0) if ctx.fused else None
-        num_branches = 0 if fused_weight is not None else len(shortcut.branches)
+        num_branches = len(saved) // 6  # two statistics and four parameters per branch; none when fused
         statistics, parameters = saved[: 2 * num_branches], saved[2 * num_branches :]
         if torch.is_grad_enabled():
             patches_grad = output_grad[:, num_prefix_tokens:] if ctx.adds else output_grad

@@ -1,7 +1,7 @@
 // The depth-wise shortcut (GELU -> per-channel affine -> depth-wise k x k conv, zero padding) on channels-last
 // patch tokens, as four loops that each read the big tensors once: batch statistics, forward, the backward
-// reductions and the input gradient. Every kernel size and BatchNorm is folded by the caller into one k x k
-// scale kernel `wa` and shift kernel `ws` (tap-major, `k*k x C`), so parallel branches cost one stencil.
+// reductions and the input gradient. Every kernel size and BatchNorm is folded (`fold`) into one k x k scale
+// kernel `wa` and shift kernel `ws` (tap-major, `k*k x C`), so parallel branches cost one stencil.
 //
 // Tokens are float32 `(batch, H*W, C)` rows of C contiguous values with any batch stride (the class token is
 // skipped by the caller's pointer offset). Work is split over images; an image's GELU values live in a per-thread
@@ -75,7 +75,10 @@ inline float normal_cdf(float x) {
   q = q * s + 1.208099678e-01f;
   q = q * s + 5.229530310e-01f;
   q = q * s + 1.0f;
-  const float half = 0.5f * u * p / q;  // the fit grows past 1 beyond u = 4: the clamp above keeps it at 1
+  // The fit reaches 1 + 4e-8 just below u = 4 and float rounding adds to it: capped, Phi stays within [0, 1] (GELU
+  // never changes the sign of its input).
+  const float erf_half = 0.5f * u * p / q;
+  const float half = erf_half < 0.5f ? erf_half : 0.5f;
   return x >= 0.0f ? 0.5f + half : 0.5f - half;
 }
 
@@ -315,7 +318,10 @@ void forward(const float* x, const float* wa, const float* ws, const float* bias
       const float* extra = add ? add + b * s.y_stride : nullptr;
       if (extra && s.prefix) std::memcpy(out - s.prefix, extra - s.prefix, s.prefix * sizeof(float));
       for (int64_t h = 0; h < h_size; ++h) {
-        if (b + 1 < s.batch) prefetch_read(out + s.y_stride + h * row_size, row_size);
+        if (b + 1 < s.batch) {  // the next image's input: its stored GELU, or the tokens
+          if (gelu_written) prefetch_read(out + s.y_stride + h * row_size, row_size);
+          else prefetch_read(x_b + s.x_stride + h * row_size, row_size);
+        }
         std::memcpy(row.data(), start.data() + h * row_size, row_size * sizeof(float));
         stencil_row_any(padded.data, wa, s, h, row.data());
         float* destination = out + h * row_size;
@@ -631,7 +637,8 @@ struct Stopwatch {
 
 extern "C" {
 
-// A training-mode forward with batch statistics: the statistics pass (mean into the table's kMean[0], GELU into y),
+// A training-mode forward with batch statistics: the statistics pass (the batch mean into the table's kMean[0],
+// which the caller makes every branch's kMean row, since all branches see the same GELU values; GELU into y),
 // every branch's running statistics and inverse deviation (kInverseStd), the folding, and the forward pass.
 // seconds (optional): statistics, per-channel work, forward.
 void dws_training_forward(const float* x, const float* add, float* y, int64_t batch, int64_t height, int64_t width,
