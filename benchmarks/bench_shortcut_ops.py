@@ -48,9 +48,8 @@ SIZES = {
     "studies": dict(hidden_size=128, num_hidden_layers=6, num_attention_heads=4, intermediate_size=512),
     "vit-tiny": dict(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768),
 }
-# dw_shortcut_kernel.pass_seconds counters, in its order
-PASSES = ["batch statistics", "forward (with the add)", "backward reductions", "input gradient"]
-COUNTERS = {"batch statistics": 0, "forward (with the add)": 2, "backward reductions": 3, "input gradient": 5}
+# The four passes' places among dw_shortcut_kernel.pass_seconds' six counters
+PASSES = {"batch statistics": 0, "forward (with the add)": 2, "backward reductions": 3, "input gradient": 5}
 PER_CHANNEL = [1, 4]  # folding and running statistics; parameter gradients (single-threaded)
 
 
@@ -175,8 +174,8 @@ def main() -> None:
     print()
     rows = []
     milliseconds = (1000 * counters / calls).tolist()
-    for name in PASSES:
-        rows.append([name, f"{milliseconds[COUNTERS[name]]:.3f}", f"{milliseconds[COUNTERS[name]] / cold:.1f}"])
+    for name, counter in PASSES.items():
+        rows.append([name, f"{milliseconds[counter]:.3f}", f"{milliseconds[counter] / cold:.1f}"])
     small = sum(milliseconds[index] for index in PER_CHANNEL)
     rows.append(["folding, running statistics, parameter gradients (per-channel C)", f"{small:.3f}", ""])
     for phase, inside in (("forward", sum(milliseconds[:3])), ("backward", sum(milliseconds[3:]))):

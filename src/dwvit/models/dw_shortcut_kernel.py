@@ -119,7 +119,7 @@ def load_library() -> ctypes.CDLL | None:
     library.dws_training_forward.argtypes = [*[pointer] * 3, *[i64] * 9, *[pointer] * 4, i32, pointer]
     library.dws_training_backward.argtypes = [*[pointer] * 3, *[i64] * 9, pointer, pointer, i32, i32, pointer]
     library.dws_forward.argtypes = [*[pointer] * 6, *[i64] * 8, i32]
-    library.dws_input_gradient.argtypes = [*[pointer] * 6, *[i64] * 8, i32]
+    library.dws_input_gradient.argtypes = [*[pointer] * 4, *[i64] * 8, i32]
     library.dws_fold.argtypes = [i64, pointer, pointer, i64, i64, pointer, pointer, pointer]
     return library
 
@@ -251,26 +251,24 @@ def _folded_with_running_statistics(library, shortcut: nn.Module):
     return folded
 
 
-def _training_forward(library, tokens, block_output, output, shortcut, shape, num_prefix_tokens, threads):
-    """The forward with batch statistics, in one call: statistics, each branch's running statistics moved exactly
-    as `nn.BatchNorm2d` moves them (unbiased variance, momentum or a cumulative average), folding and the forward
-    pass. Returns each branch's `(mean, inverse_std)`, what backward normalises with."""
+def _training_forward(library, rows, strides, shape, kernel, shortcut, threads):
+    """The forward with batch statistics, in one call (`rows` and `strides` as `_forward` makes them): statistics,
+    each branch's running statistics moved exactly as `nn.BatchNorm2d` moves them (unbiased variance, momentum or a
+    cumulative average), folding and the forward pass. Returns each branch's `(mean, inverse_std)`, what backward
+    normalises with."""
     branches = shortcut.branches
-    rows = torch.empty(1 + len(branches), shape[-1]).unbind()  # the batch mean, then each branch's inverse deviation
+    moments = torch.empty(1 + len(branches), shape[-1]).unbind()  # the batch mean, then each inverse deviation
     statistics, eps, momenta = [], [], []
     for index, branch in enumerate(branches):
         norm = branch.norm
         norm.num_batches_tracked.add_(1)
-        statistics += [rows[0], rows[1 + index]]
+        statistics += [moments[0], moments[1 + index]]
         eps.append(norm.eps)
         momenta.append(norm.momentum if norm.momentum is not None else 1.0 / float(norm.num_batches_tracked))
-    offset = num_prefix_tokens * shape[-1] * 4  # bytes to the first patch token (float32, contiguous rows)
+    x, add, y, prefix = rows
     library.dws_training_forward(
-        tokens.data_ptr() + offset, None if block_output is None else block_output.data_ptr() + offset,
-        output.data_ptr() + (0 if block_output is None else offset), *shape, _largest_kernel(branches),
-        tokens.stride(0), output.stride(0), 0 if block_output is None else offset // 4, len(branches),
-        *_branch_table(branches, statistics), (ctypes.c_double * len(eps))(*eps),
-        (ctypes.c_double * len(momenta))(*momenta), threads, _seconds_pointer(0),
+        x, add, y, *shape, kernel, *strides, prefix, len(branches), *_branch_table(branches, statistics),
+        (ctypes.c_double * len(eps))(*eps), (ctypes.c_double * len(momenta))(*momenta), threads, _seconds_pointer(0),
     )  # fmt: skip
     # written outside PyTorch: their versions must still move (the eval fold's cache key)
     torch.autograd.graph.increment_version([tensor for branch in branches for tensor in
@@ -287,21 +285,26 @@ def _forward(tokens, block_output, shortcut, height, width, num_prefix_tokens):
     library, threads = load_library(), torch.get_num_threads()
     batch_size, channels = tokens.shape[0], tokens.shape[2]
     shape = (batch_size, height, width, channels)
+    # The rows the C side reads and writes: the first patch token of the tokens, of the block output and of the
+    # output (which holds class tokens only as the sum), and the class-token elements it copies per image.
+    offset = num_prefix_tokens * channels * 4  # bytes (float32, contiguous rows)
     if block_output is None:
         output = tokens.new_empty((batch_size, height * width, channels))
-    else:  # the kernel copies the class tokens
+        rows = (tokens.data_ptr() + offset, None, output.data_ptr(), 0)
+    else:
         output = torch.empty_like(block_output)
+        rows = (tokens.data_ptr() + offset, block_output.data_ptr() + offset, output.data_ptr() + offset,
+                num_prefix_tokens * channels)  # fmt: skip
+    strides = (tokens.stride(0), output.stride(0))
     if not shortcut.is_fused and shortcut.branches[0].norm.training:
-        statistics = _training_forward(library, tokens, block_output, output, shortcut, shape, num_prefix_tokens,
-                                       threads)  # fmt: skip
-        return output, (_largest_kernel(shortcut.branches), True, statistics)
+        kernel = _largest_kernel(shortcut.branches)
+        statistics = _training_forward(library, rows, strides, shape, kernel, shortcut, threads)
+        return output, (kernel, True, statistics)
     kernel, scale_taps, shift_taps, bias, statistics = _folded_with_running_statistics(library, shortcut)
-    offset = num_prefix_tokens * channels * 4
+    x, add, y, prefix = rows
     library.dws_forward(
-        tokens.data_ptr() + offset, scale_taps.data_ptr(), shift_taps.data_ptr(), bias.data_ptr(),
-        None if block_output is None else block_output.data_ptr() + offset,
-        output.data_ptr() + (0 if block_output is None else offset), *shape, kernel, tokens.stride(0),
-        output.stride(0), 0 if block_output is None else offset // 4, threads,
+        x, scale_taps.data_ptr(), shift_taps.data_ptr(), bias.data_ptr(), add, y, *shape, kernel, *strides, prefix,
+        threads,
     )  # fmt: skip
     return output, (kernel, False, statistics)
 
@@ -344,11 +347,10 @@ class _KernelShortcut(torch.autograd.Function):
         tokens_grad = torch.empty_like(tokens)  # the kernel writes zeros into the class tokens
         pointers = (tokens.data_ptr() + offset, output_grad.data_ptr() + grad_offset, tokens_grad.data_ptr() + offset)
         if fused_weight is not None:
-            scale_taps, no_statistics = _taps(fused_weight, kernel).contiguous(), torch.zeros(channels)
+            scale_taps = _taps(fused_weight, kernel).contiguous()
             library.dws_input_gradient(
-                pointers[0], pointers[1], scale_taps.data_ptr(), no_statistics.data_ptr(), no_statistics.data_ptr(),
-                pointers[2], *shape, kernel, tokens.stride(0), output_grad.stride(0), offset // 4,
-                threads,
+                pointers[0], pointers[1], scale_taps.data_ptr(), pointers[2], *shape, kernel, tokens.stride(0),
+                output_grad.stride(0), offset // 4, threads,
             )  # fmt: skip
             return (tokens_grad, block_grad, None, None, None, None)
         parameter_grads = [torch.empty_like(parameter) for parameter in parameters]

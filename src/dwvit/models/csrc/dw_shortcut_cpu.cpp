@@ -700,10 +700,11 @@ void dws_forward(const float* x, const float* wa, const float* ws, const float* 
 }
 
 // The input gradient with a fixed folded scale kernel (the fused form: no batch-statistics terms).
-void dws_input_gradient(const float* x, const float* grad, const float* wa, const float* alpha, const float* beta,
-                        float* x_grad, int64_t batch, int64_t height, int64_t width, int64_t channels, int64_t kernel,
-                        int64_t x_stride, int64_t grad_stride, int64_t prefix, int threads) {
-  input_gradient(x, grad, wa, alpha, beta, x_grad,
+void dws_input_gradient(const float* x, const float* grad, const float* wa, float* x_grad, int64_t batch,
+                        int64_t height, int64_t width, int64_t channels, int64_t kernel, int64_t x_stride,
+                        int64_t grad_stride, int64_t prefix, int threads) {
+  const std::vector<float> no_statistics(channels, 0.0f);
+  input_gradient(x, grad, wa, no_statistics.data(), no_statistics.data(), x_grad,
                  Shape{batch, height, width, channels, kernel, x_stride, 0, grad_stride, prefix}, threads);
 }
 
