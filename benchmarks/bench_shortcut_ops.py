@@ -24,11 +24,13 @@ with one pass of a plain add over the same tensor, warm and cold (after a 128 MB
 
     python benchmarks/bench_shortcut_ops.py                          # the studies' model: 128 wide, 6 blocks, 32/4
     python benchmarks/bench_shortcut_ops.py --size vit-tiny --batch-size 16 --image-size 224 --patch-size 16
+    python benchmarks/bench_shortcut_ops.py --bf16 --attention eager   # bf16 autocast, the CPU's fast bf16 path
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import resource
@@ -61,7 +63,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=10, help="interleaved rounds of the training step")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--bf16", action="store_true", help="forward passes under bf16 autocast")
+    parser.add_argument("--attention", choices=["sdpa", "eager"], default="sdpa")
     args = parser.parse_args()
+    precision = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if args.bf16 else contextlib.nullcontext
     torch.set_num_threads(args.threads)
     library = dw_shortcut_kernel.load_library()
     if library is None:
@@ -74,7 +79,9 @@ def main() -> None:
             "vit-tiny-cifar", image_size=args.image_size, patch_size=args.patch_size, num_labels=10,
             use_dw_shortcut=on, **SIZES[args.size],
         )  # fmt: skip
-        return DWViTForImageClassification(config).train()
+        model = DWViTForImageClassification(config).train()
+        model.set_attn_implementation(args.attention)
+        return model
 
     models = {"off": build(False), "kernel": build(True)}
     models["pytorch ops"] = copy.deepcopy(models["kernel"])
@@ -116,7 +123,9 @@ def main() -> None:
             recording[0] = name == "kernel"
             dw_shortcut_kernel.pass_seconds = counters if recording[0] else None
             faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            models[name](pixel_values=pixel_values, labels=labels).loss.backward()
+            with precision():
+                loss = models[name](pixel_values=pixel_values, labels=labels).loss
+            loss.backward()
             optimizers[name].step()
             optimizers[name].zero_grad(set_to_none=True)
             page_faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before)
@@ -137,7 +146,7 @@ def main() -> None:
         def run():
             DepthwiseShortcut.add_to = replacements.get(name, add_to)
             dw_shortcut_kernel.load_library = (lambda: None) if name == "pytorch ops" else (lambda: library)
-            with torch.no_grad():
+            with torch.no_grad(), precision():
                 models[name](pixel_values=pixel_values)
 
         return run
@@ -156,7 +165,8 @@ def main() -> None:
     warm, cold = pass_milliseconds(tokens)
     print(machine_summary(torch.device("cpu")))
     print(
-        f"\nmodel: {args.size} {args.image_size}/{args.patch_size}, batch {args.batch_size}, {num_shortcuts} "
+        f"\nmodel: {args.size} {args.image_size}/{args.patch_size}, batch {args.batch_size}, {args.attention} "
+        f"attention, {'bf16 autocast' if args.bf16 else 'float32'}, {num_shortcuts} "
         f"shortcuts; one (batch, tokens, channels) tensor = {tokens.numel() * 4 / 2**20:.2f} MiB; one plain add "
         f"over it: {warm:.3f} ms warm, {cold:.3f} ms cold\n"
     )

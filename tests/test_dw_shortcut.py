@@ -347,29 +347,48 @@ def test_the_module_in_the_activation_slot_is_what_the_training_shortcut_applies
 
 
 @pytest.mark.parametrize("num_prefix_tokens", [0, 1])
-def test_training_shortcut_under_bf16_autocast_computes_what_the_modules_do(num_prefix_tokens):
-    """Under autocast the conv runs in bf16 as the module would; the node's values and gradients are the plain
-    composition's (a hook on the activation selects it) to float rounding."""
+@pytest.mark.parametrize("path", ["node or kernel", "plain modules", "checkpointed"])
+@pytest.mark.usefixtures("shortcut_path")
+def test_training_shortcut_under_bf16_autocast_computes_in_float32(num_prefix_tokens, path):
+    """Autocast keeps the shortcut in float32, like a norm: every path (the kernel, the recomputing node, the plain
+    composition that a hook on the activation selects, the checkpointed recompute) gives, under bf16 autocast, the
+    values, gradients and statistics of the same shortcut outside autocast, where a bf16 conv would be ~1e-2 off."""
     torch.manual_seed(34)
     shortcut = DepthwiseShortcut(8, [3, 5]).train()
-    plain = copy.deepcopy(shortcut)
-    plain.activation.register_forward_hook(lambda *args: None)
+    randomise_shortcut_statistics(shortcut, torch.Generator().manual_seed(35))
+    if path == "plain modules":
+        shortcut.activation.register_forward_hook(lambda *args: None)
+    shortcut.gradient_checkpointing = path == "checkpointed"
+    reference = copy.deepcopy(shortcut)
     tokens = torch.randn(3, num_prefix_tokens + 20, 8, requires_grad=True)
     block_output = torch.randn(3, num_prefix_tokens + 20, 8, requires_grad=True)
     weights = torch.randn(3, num_prefix_tokens + 20, 8)
     results = []
-    for module in (shortcut, plain):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            output = add_shortcut(block_output, module(tokens, 4, 5, num_prefix_tokens), num_prefix_tokens)
-        grads = torch.autograd.grad((output.float() * weights).sum(), [tokens, block_output, *module.parameters()])
+    for module, autocast in ((shortcut, True), (reference, False)):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            output = module.add_to(block_output, tokens, 4, 5, num_prefix_tokens)
+        grads = torch.autograd.grad((output * weights).sum(), [tokens, block_output, *module.parameters()])
         results.append((output, grads))
     (output, grads), (expected, expected_grads) = results
     assert output.dtype == expected.dtype == torch.float32
     torch.testing.assert_close(output, expected, atol=1e-6, rtol=1e-6)
     for got, want in zip(grads, expected_grads):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
-    for a, b in zip(shortcut.buffers(), plain.buffers()):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    for a, b in zip(shortcut.buffers(), reference.buffers()):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("num_prefix_tokens", [0, 1])
+def test_bf16_tokens_under_autocast_are_computed_in_float32(num_prefix_tokens):
+    """Autocast's float32 policy casts a half-precision input up, as it does for its norms."""
+    torch.manual_seed(36)
+    shortcut = DepthwiseShortcut(8, [3]).train()
+    reference = copy.deepcopy(shortcut)
+    tokens = torch.randn(2, num_prefix_tokens + 12, 8).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = shortcut(tokens, 3, 4, num_prefix_tokens)
+    assert output.dtype == torch.float32
+    torch.testing.assert_close(output, reference(tokens.float(), 3, 4, num_prefix_tokens), atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -100,6 +100,11 @@ class DepthwiseShortcut(nn.Module):
 
     def forward(self, tokens: torch.Tensor, height: int, width: int, num_prefix_tokens: int = 0) -> torch.Tensor:
         self._check_grid(tokens, height, width, num_prefix_tokens)
+        tokens, precision = _float32_under_autocast(tokens)
+        with precision:
+            return self._shortcut(tokens, height, width, num_prefix_tokens)
+
+    def _shortcut(self, tokens: torch.Tensor, height: int, width: int, num_prefix_tokens: int) -> torch.Tensor:
         if self._checkpointing():
             return torch.utils.checkpoint.checkpoint(
                 reference_shortcut,
@@ -204,7 +209,7 @@ class DepthwiseShortcut(nn.Module):
         channels, height, width = grid.shape[1:]
         reach = self.fused_weight.shape[-1] // 2
         # In half precision the map is added whole, so that it is rounded once, like every other fused term.
-        low_precision = grid.dtype in (torch.float16, torch.bfloat16) or torch.is_autocast_enabled(grid.device.type)
+        low_precision = grid.dtype in (torch.float16, torch.bfloat16)
         if low_precision or 2 * reach >= min(height, width):  # or every position lies near a border
             output = F.conv2d(grid, self.fused_weight, None, padding=reach, groups=channels)
             return output.add_(self._bias_map(height, width, output.dtype))
@@ -229,14 +234,26 @@ class DepthwiseShortcut(nn.Module):
             return self._bias_maps[key]
         channels, kernel = self.fused_shift_weight.shape[0], self.fused_shift_weight.shape[-1]
         ones = self.fused_shift_weight.new_ones(1, channels, height, width)
-        # Autocast would round the map to half precision before the single cast below.
-        with torch.autocast(ones.device.type, enabled=False):
-            bias_map = F.conv2d(ones, self.fused_shift_weight, self.fused_bias, padding=kernel // 2, groups=channels)
+        bias_map = F.conv2d(ones, self.fused_shift_weight, self.fused_bias, padding=kernel // 2, groups=channels)
         # Channels-last like the conv output it is added to: a broadcast add across layouts is several times slower.
         bias_map = bias_map.to(dtype).contiguous(memory_format=torch.channels_last)
         if not capturing:
             self._bias_maps[key] = bias_map
         return bias_map
+
+
+def _float32_under_autocast(tokens: torch.Tensor):
+    """`(tokens, context)` under which the shortcut runs: under autocast, float32 tokens and autocast off.
+
+    Autocast keeps norms in float32, and so it does the shortcut, a BatchNorm between two memory-bound ops: its
+    input and output are the residual stream, float32 under autocast, so half precision would save it no traffic,
+    only add casts, and every path (the fused kernel, the recomputing node, the plain modules) computes the same."""
+    device = tokens.device.type
+    if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):  # none on "meta"
+        return tokens, contextlib.nullcontext()
+    if tokens.dtype in (torch.float16, torch.bfloat16):
+        tokens = tokens.float()
+    return tokens, torch.autocast(device, enabled=False)
 
 
 def reference_shortcut(shortcut: DepthwiseShortcut, tokens: torch.Tensor, height: int, width: int,

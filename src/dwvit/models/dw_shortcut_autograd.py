@@ -1,6 +1,6 @@
 """The depth-wise shortcut's PyTorch-ops training path: two autograd nodes, each with a reference path in plain ops.
-Where the fused CPU kernel applies (dw_shortcut_kernel.py) it runs instead; these run without a compiler, under
-autocast, and wherever the kernel steps aside.
+Where the fused CPU kernel applies (dw_shortcut_kernel.py) it runs instead; these run without a compiler, on other
+devices and dtypes, and wherever the kernel steps aside.
 
 `recomputing_shortcut` is the shortcut's training forward (GELU -> BatchNorm2d -> depth-wise conv per branch) as
 one node that keeps only its input (a view of the block input, which the block keeps anyway) and each BatchNorm's
@@ -13,8 +13,8 @@ shortcut for the class tokens and adding would write a second full-size tensor.
 
 Both are used only where their hand-written backward is known to match: `DepthwiseShortcut` falls back to the
 plain composition under function transforms, graph capture, hooks on its parts, another module in the activation
-slot, or any norm other than a training-mode `nn.BatchNorm2d`. Under autocast the conv runs in the autocast dtype
-as the module would, and backward casts as autograd would. A second-order backward (`create_graph=True`)
+slot, or any norm other than a training-mode `nn.BatchNorm2d`. Autocast is off inside the shortcut (it computes
+in float32, `DepthwiseShortcut.forward`). A second-order backward (`create_graph=True`)
 recomputes the plain composition with autograd, so gradient penalties see the exact derivative.
 """
 
@@ -114,13 +114,9 @@ class _RecomputingShortcut(torch.autograd.Function):
         for branch in shortcut.branches:
             normalized, mean, inverse_std = _batch_norm_training(branch.norm, activated)
             conv = branch.conv
-            # Under autocast the conv runs in the autocast dtype, as it would as a module; backward repeats the casts.
             convolved = F.conv2d(normalized, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
             output = convolved if output is None else output.add_(convolved)
             statistics += [mean, inverse_std]
-        ctx.conv_dtype = output.dtype
-        device_type = tokens.device.type
-        ctx.autocast = (device_type, torch.get_autocast_dtype(device_type), torch.is_autocast_enabled(device_type))
         ctx.shortcut, ctx.grid_shape = shortcut, (height, width, num_prefix_tokens)
         ctx.save_for_backward(tokens, *statistics, *parameters)
         return grid_tokens(output)
@@ -132,11 +128,9 @@ class _RecomputingShortcut(torch.autograd.Function):
         num_branches = len(shortcut.branches)
         statistics, parameters = saved[: 2 * num_branches], saved[2 * num_branches :]
         if torch.is_grad_enabled():
-            device_type, dtype, enabled = ctx.autocast
-            with torch.autocast(device_type, dtype=dtype, enabled=enabled):
-                tokens_grad, *parameter_grads = _differentiable_backward(
-                    shortcut, tokens, parameters, output_grad, ctx.grid_shape
-                )
+            tokens_grad, *parameter_grads = _differentiable_backward(
+                shortcut, tokens, parameters, output_grad, ctx.grid_shape
+            )
             return (tokens_grad, None, None, None, None, *parameter_grads)
 
         grid = patch_grid(tokens, height, width, num_prefix_tokens)
@@ -152,11 +146,8 @@ class _RecomputingShortcut(torch.autograd.Function):
             scale = (norm_weight * inverse_std).view(1, -1, 1, 1)
             normalized = torch.addcmul(norm_bias.view(1, -1, 1, 1) - mean.view(1, -1, 1, 1) * scale, activated, scale)
             normalized_grad, conv_weight_grad, conv_bias_grad = torch.ops.aten.convolution_backward(
-                grid_grad.to(ctx.conv_dtype), normalized.to(ctx.conv_dtype), conv_weight.to(ctx.conv_dtype),
-                [channels], conv.stride, conv.padding, conv.dilation, False, [0, 0], conv.groups, [True, True, True],
+                grid_grad, normalized, conv_weight, [channels], conv.stride, conv.padding, conv.dilation, False, [0, 0], conv.groups, [True, True, True],
             )  # fmt: skip
-            normalized_grad = normalized_grad.to(normalized.dtype)
-            conv_weight_grad, conv_bias_grad = conv_weight_grad.to(conv_weight.dtype), conv_bias_grad.to(conv_bias.dtype)
             branch_grad, norm_weight_grad, norm_bias_grad = torch.ops.aten.native_batch_norm_backward(
                 normalized_grad, activated, norm_weight, None, None, mean, inverse_std, True, norm.eps,
                 [True, True, True],
@@ -173,10 +164,12 @@ class _RecomputingShortcut(torch.autograd.Function):
 
 
 def _differentiable_backward(shortcut, tokens, parameters, output_grad, grid_shape):
-    """The backward of the plain composition, recorded for a further derivative; BatchNorm statistics stay still."""
+    """The backward of the plain composition, recorded for a further derivative; BatchNorm statistics stay still
+    and, as in the forward, autocast is off (a backward called under autocast would otherwise recompute in bf16)."""
     from .dw_layers import _running_statistics_frozen, reference_shortcut  # noqa: PLC0415 (a cycle at import)
 
-    with torch.enable_grad(), _running_statistics_frozen([branch.norm for branch in shortcut.branches]):
+    autocast_off = torch.autocast(tokens.device.type, enabled=False)
+    with torch.enable_grad(), autocast_off, _running_statistics_frozen([branch.norm for branch in shortcut.branches]):
         output = reference_shortcut(shortcut, tokens, *grid_shape)
         inputs = [tokens, *parameters]
         wanted = [tensor for tensor in inputs if tensor.requires_grad]

@@ -11,7 +11,7 @@ a training forward or backward is one call (inside a training step Python costs 
 
 The library is compiled on first use with the host C++ compiler (about two seconds) into a cache folder keyed by
 the source, the compiler and the CPU, and loaded with ctypes. Without a compiler, with `DWVIT_CPU_KERNEL=0`, or
-wherever `kernel_applies` says no (graph capture, autocast, hooks on the shortcut's parts, other modules in its
+wherever `kernel_applies` says no (graph capture, hooks on the shortcut's parts, other modules in its
 slots, another dtype or device), the shortcut runs as PyTorch ops (dw_shortcut_autograd.py, dw_layers.py).
 """
 
@@ -127,11 +127,11 @@ def load_library() -> ctypes.CDLL | None:
 def kernel_applies(shortcut: nn.Module, tokens: torch.Tensor) -> bool:
     """Whether the kernel computes what the modules of `shortcut` would, for these tokens, autograd included.
 
-    Not under autocast: the modules would round the conv's inputs to half precision, which a kernel that folds
-    BatchNorm into the conv cannot repeat; the PyTorch path keeps those semantics."""
+    Autocast does not matter: the shortcut computes in float32 under it (`DepthwiseShortcut.forward`), and so
+    does the kernel, which calls no op that autocast casts."""
     if tokens.device.type != "cpu" or tokens.dtype != torch.float32 or not tokens.is_contiguous():
         return False
-    if torch.is_autocast_enabled("cpu") or not _runs_as_plain_modules(shortcut, branches=not shortcut.is_fused):
+    if not _runs_as_plain_modules(shortcut, branches=not shortcut.is_fused):
         return False
     if shortcut.activation.approximate != "none":
         return False
