@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
 import os
 
@@ -171,6 +172,29 @@ def test_bf16_autocast_matches_float32_within_bf16_tolerance(fused):
     relative = (result.float() - expected).norm() / expected.norm()
     assert relative < 3e-2, relative
     assert (result.float().argmax(-1) == expected.argmax(-1)).float().mean() >= 0.75
+
+
+def test_compiled_shortcut_under_autocast_computes_in_float32():
+    """The shortcut turns autocast off inside itself: graph capture keeps that (no break), and the compiled training
+    shortcut gives, under bf16 autocast, the float32 values, gradients and statistics of the eager one outside it."""
+    torch._dynamo.reset()
+    torch.manual_seed(3)
+    shortcut = DepthwiseShortcut(8, [3, 5]).train()
+    reference = copy.deepcopy(shortcut)
+    tokens = torch.randn(2, 1 + 12, 8, requires_grad=True)
+    block_output = torch.randn(2, 1 + 12, 8)
+    compiled = torch.compile(lambda b, t: shortcut.add_to(b, t, 3, 4, 1), fullgraph=True, backend="aot_eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        result = compiled(block_output, tokens)
+    expected = reference.add_to(block_output, tokens, 3, 4, 1)
+    assert result.dtype == torch.float32
+    torch.testing.assert_close(result, expected, atol=1e-6, rtol=1e-6)
+    grads = [torch.autograd.grad(out.square().sum(), [tokens, *module.parameters()])
+             for out, module in ((result, shortcut), (expected, reference))]  # fmt: skip
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for got, want in zip(shortcut.buffers(), reference.buffers()):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
 
 
 def test_bf16_autocast_training_step_runs_and_matches_float32_loss():
