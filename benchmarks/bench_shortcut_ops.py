@@ -6,6 +6,9 @@ same weights where they share them:
 - `off`: the DW model with the shortcut off (the baseline of every ratio);
 - `kernel`: the shortcut through the fused CPU kernel (`dw_shortcut_kernel.py`, the default);
 - `pytorch ops`: the same shortcut as PyTorch ops (the recomputing node; what runs without a compiler);
+- `passes skipped`: the kernel's Python, autograd nodes and allocations with its C calls replaced by no-ops (the
+  outputs are left unwritten, so this model trains on whatever the memory held: a timing stand-in only), which
+  splits the kernel's cost into its passes and what surrounds them;
 - `add only`: the shortcut replaced by `block_output + tokens`: no GELU, BatchNorm or conv, only one more read of
   the group input, its gradient and the sum's allocation; the floor for any shortcut that reads its input;
 - `gelu only`: the shortcut replaced by `block_output + GELU(tokens)` in PyTorch's ops (GELU forward, its backward,
@@ -55,6 +58,13 @@ PASSES = {"batch statistics": 0, "forward (with the add)": 2, "backward reductio
 PER_CHANNEL = [1, 4]  # folding and running statistics; parameter gradients (single-threaded)
 
 
+class _NoPasses:
+    """A stand-in for the kernel's library whose every function does nothing."""
+
+    def __getattr__(self, name):
+        return lambda *args: None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=SIZES, default="studies")
@@ -85,6 +95,7 @@ def main() -> None:
 
     models = {"off": build(False), "kernel": build(True)}
     models["pytorch ops"] = copy.deepcopy(models["kernel"])
+    models["passes skipped"] = copy.deepcopy(models["kernel"])
     models["add only"] = copy.deepcopy(models["kernel"])
     models["gelu only"] = copy.deepcopy(models["kernel"])
     pixel_values = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
@@ -99,6 +110,8 @@ def main() -> None:
         return block_output + torch.nn.functional.gelu(tokens)
 
     replacements = {"add only": add_only, "gelu only": gelu_only}
+    no_passes = _NoPasses()
+    libraries = {"pytorch ops": lambda: None, "passes skipped": lambda: no_passes}
 
     node_seconds = {"forward": 0.0, "backward": 0.0}
     forward_calls = [0]
@@ -119,7 +132,7 @@ def main() -> None:
     def step(name):
         def run():
             DepthwiseShortcut.add_to = replacements.get(name, add_to)
-            dw_shortcut_kernel.load_library = (lambda: None) if name == "pytorch ops" else (lambda: library)
+            dw_shortcut_kernel.load_library = libraries.get(name, lambda: library)
             recording[0] = name == "kernel"
             dw_shortcut_kernel.pass_seconds = counters if recording[0] else None
             faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -145,7 +158,7 @@ def main() -> None:
     def inference(name):
         def run():
             DepthwiseShortcut.add_to = replacements.get(name, add_to)
-            dw_shortcut_kernel.load_library = (lambda: None) if name == "pytorch ops" else (lambda: library)
+            dw_shortcut_kernel.load_library = libraries.get(name, lambda: library)
             with torch.no_grad(), precision():
                 models[name](pixel_values=pixel_values)
 
