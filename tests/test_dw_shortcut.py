@@ -170,21 +170,27 @@ def test_torch_func_grad_through_the_shortcut_matches_autograd_of_the_hand_compu
         torch.testing.assert_close(grads[name], want, atol=1e-5, rtol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("variant", ["", "checkpointed", "under autocast"])
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 @pytest.mark.usefixtures("shortcut_path")
-def test_double_backward_through_the_shortcut_matches_the_hand_computation(training):
-    """A gradient penalty: the gradient of the norm of the input gradient, with the class-token boundary."""
+def test_double_backward_through_the_shortcut_matches_the_hand_computation(training, variant):
+    """A gradient penalty: the gradient of the norm of the input gradient, with the class-token boundary; also
+    through the checkpointed recompute (which runs more than once) and with both backward passes under bf16
+    autocast (float32 all the way)."""
     shortcut = make_shortcut(training)
+    shortcut.gradient_checkpointing = variant == "checkpointed"
     branches = [(branch.norm, branch.conv) for branch in shortcut.branches]
     tokens = torch.randn(2, 1 + 12, 6, requires_grad=True)
     block_output = torch.randn(2, 1 + 12, 6)
 
-    def penalty_gradients(compute):
-        output = compute(tokens).pow(2).sum()
-        (token_grad,) = torch.autograd.grad(output, tokens, create_graph=True)
-        return torch.autograd.grad(token_grad.norm(), [tokens, *shortcut.parameters()])
+    def penalty_gradients(compute, autocast=False):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            output = compute(tokens).pow(2).sum()
+            (token_grad,) = torch.autograd.grad(output, tokens, create_graph=True)
+            return torch.autograd.grad(token_grad.norm(), [tokens, *shortcut.parameters()])
 
-    actual = penalty_gradients(lambda t: add_shortcut(block_output, shortcut(t, 3, 4, 1), 1))
+    actual = penalty_gradients(lambda t: add_shortcut(block_output, shortcut(t, 3, 4, 1), 1),
+                               autocast=variant == "under autocast")  # fmt: skip
     expected = penalty_gradients(lambda t: block_output + hand_shortcut(t, (3, 4), branches, training, 1))
     assert actual[0].abs().sum() > 0
     for got, want in zip(actual, expected):
@@ -347,15 +353,22 @@ def test_the_module_in_the_activation_slot_is_what_the_training_shortcut_applies
 
 
 @pytest.mark.parametrize("num_prefix_tokens", [0, 1])
-@pytest.mark.parametrize("path", ["node or kernel", "plain modules", "checkpointed"])
+@pytest.mark.parametrize(
+    "mode, path",
+    [("train", "node or kernel"), ("train", "plain modules"), ("train", "checkpointed"), ("eval", "kernel"),
+     ("eval", "plain modules"), ("fused", "kernel"), ("fused", "plain modules")],
+)  # fmt: skip
 @pytest.mark.usefixtures("shortcut_path")
-def test_training_shortcut_under_bf16_autocast_computes_in_float32(num_prefix_tokens, path):
+def test_the_shortcut_under_bf16_autocast_computes_in_float32(num_prefix_tokens, mode, path):
     """Autocast keeps the shortcut in float32, like a norm: every path (the kernel, the recomputing node, the plain
-    composition that a hook on the activation selects, the checkpointed recompute) gives, under bf16 autocast, the
-    values, gradients and statistics of the same shortcut outside autocast, where a bf16 conv would be ~1e-2 off."""
+    composition that a hook on the activation selects, the checkpointed recompute; trained, eval or fused) gives,
+    under bf16 autocast, the values, gradients and statistics of the same shortcut outside autocast, where a bf16
+    conv would be ~1e-2 off."""
     torch.manual_seed(34)
-    shortcut = DepthwiseShortcut(8, [3, 5]).train()
+    shortcut = DepthwiseShortcut(8, [3, 5]).train(mode == "train")
     randomise_shortcut_statistics(shortcut, torch.Generator().manual_seed(35))
+    if mode == "fused":
+        shortcut.fuse()
     if path == "plain modules":
         shortcut.activation.register_forward_hook(lambda *args: None)
     shortcut.gradient_checkpointing = path == "checkpointed"
@@ -367,11 +380,13 @@ def test_training_shortcut_under_bf16_autocast_computes_in_float32(num_prefix_to
     for module, autocast in ((shortcut, True), (reference, False)):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             output = module.add_to(block_output, tokens, 4, 5, num_prefix_tokens)
-        grads = torch.autograd.grad((output * weights).sum(), [tokens, block_output, *module.parameters()])
+        grads = torch.autograd.grad((output * weights).sum(), [tokens, block_output, *module.parameters()],
+                                    allow_unused=True)  # fmt: skip
         results.append((output, grads))
     (output, grads), (expected, expected_grads) = results
     assert output.dtype == expected.dtype == torch.float32
     torch.testing.assert_close(output, expected, atol=1e-6, rtol=1e-6)
+    assert grads[0].abs().sum() > 0
     for got, want in zip(grads, expected_grads):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
     for a, b in zip(shortcut.buffers(), reference.buffers()):
@@ -379,16 +394,52 @@ def test_training_shortcut_under_bf16_autocast_computes_in_float32(num_prefix_to
 
 
 @pytest.mark.parametrize("num_prefix_tokens", [0, 1])
-def test_bf16_tokens_under_autocast_are_computed_in_float32(num_prefix_tokens):
-    """Autocast's float32 policy casts a half-precision input up, as it does for its norms."""
+@pytest.mark.usefixtures("shortcut_path")
+def test_bf16_tokens_under_autocast_are_computed_in_float32_and_returned_in_bf16(num_prefix_tokens):
+    """DWSwin's first shortcut of a stage reads bf16 tokens under autocast (its patch merging is a linear layer):
+    the shortcut computes from them in float32 and rounds once, so the stage keeps its bf16 stream; the input
+    gradient comes back in bf16 as well."""
     torch.manual_seed(36)
     shortcut = DepthwiseShortcut(8, [3]).train()
     reference = copy.deepcopy(shortcut)
-    tokens = torch.randn(2, num_prefix_tokens + 12, 8).bfloat16()
+    tokens = torch.randn(2, num_prefix_tokens + 12, 8).bfloat16().requires_grad_()
+    block_output = torch.randn(2, num_prefix_tokens + 12, 8).bfloat16()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        output = shortcut(tokens, 3, 4, num_prefix_tokens)
-    assert output.dtype == torch.float32
-    torch.testing.assert_close(output, reference(tokens.float(), 3, 4, num_prefix_tokens), atol=1e-6, rtol=1e-6)
+        output = shortcut.add_to(block_output, tokens, 3, 4, num_prefix_tokens)
+    weights = torch.randn(output.shape).bfloat16()
+    (tokens_grad,) = torch.autograd.grad((output * weights).sum(), tokens)
+    float_tokens = tokens.detach().float().requires_grad_()
+    expected_shortcut = reference(float_tokens, 3, 4, num_prefix_tokens)
+    expected = add_shortcut(block_output, expected_shortcut.bfloat16(), num_prefix_tokens)
+    (expected_grad,) = torch.autograd.grad(expected_shortcut, float_tokens, weights[:, num_prefix_tokens:].float())
+    assert output.dtype == tokens_grad.dtype == torch.bfloat16
+    torch.testing.assert_close(output, expected, atol=0, rtol=0)
+    torch.testing.assert_close(tokens_grad, expected_grad.bfloat16(), atol=0, rtol=0)
+    for a, b in zip(shortcut.buffers(), reference.buffers()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval", "fused"])
+def test_a_bf16_shortcut_under_autocast_runs_as_its_bf16_modules(mode):
+    """A model cast to bf16 (weights and statistics) and run under autocast, as with transformers'
+    `bf16_full_eval`, keeps autocast's own behaviour: what the same bf16 module computes outside autocast."""
+    torch.manual_seed(37)
+    shortcut = DepthwiseShortcut(8, [3, 5]).train(mode == "train")
+    randomise_shortcut_statistics(shortcut, torch.Generator().manual_seed(38))
+    if mode == "fused":
+        shortcut.fuse()
+    shortcut = shortcut.bfloat16()
+    reference = copy.deepcopy(shortcut)
+    tokens = torch.randn(2, 1 + 20, 8).bfloat16().requires_grad_()
+    block_output = torch.randn(2, 1 + 20, 8).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = shortcut.add_to(block_output, tokens, 4, 5, 1)
+    expected = reference.add_to(block_output, tokens, 4, 5, 1)
+    assert output.dtype == torch.bfloat16
+    torch.testing.assert_close(output, expected, atol=0, rtol=0)
+    (grad,) = torch.autograd.grad(output.float().sum(), tokens)
+    (expected_grad,) = torch.autograd.grad(expected.float().sum(), tokens)
+    torch.testing.assert_close(grad, expected_grad, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -229,6 +229,25 @@ def test_the_kernel_applies_under_autocast_and_steps_aside_for_other_inputs():
     assert not kernel_applies(shortcut, tokens)
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_the_kernel_runs_under_autocast(monkeypatch, training):
+    """Under bf16 autocast a DWViT forward goes through the kernel, one call per shortcut, and so does a
+    training backward (its pass counters move)."""
+    calls, forward = [], dw_shortcut_kernel._forward
+    monkeypatch.setattr(dw_shortcut_kernel, "_forward", lambda *args: calls.append(1) or forward(*args))
+    counters = torch.zeros(6, dtype=torch.float64)
+    monkeypatch.setattr(dw_shortcut_kernel, "pass_seconds", counters)
+    config = DWViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, num_labels=3)  # fmt: skip
+    model = DWViTForImageClassification(config).train(training)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(torch.randn(4, 3, 16, 16), labels=torch.tensor([0, 1, 2, 0])).loss
+    assert len(calls) == len(model.dwvit.encoder.shortcuts) == 2
+    if training:
+        loss.backward()
+        assert counters[3] > 0 and counters[5] > 0  # backward reductions and input gradient
+
+
 def test_a_model_trains_through_the_kernel_as_through_the_plain_modules(monkeypatch):
     """One optimizer step of DWViT: the kernel path and the PyTorch path agree in loss, gradients and statistics."""
     config = DWViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

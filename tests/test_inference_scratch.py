@@ -98,8 +98,8 @@ def test_identity_activation_in_the_shortcut_corrupts_nothing(family):
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_inference_without_autograd_under_bf16_autocast_keeps_the_recorded_dtypes(family):
-    """Under autocast the branches run in bf16 while the residual stream stays fp32: every hidden state keeps
-    the dtype the autograd forward gives it."""
+    """Under autocast the layers run in bf16 (the shortcut in float32) while DWViT's and DWCaiT's residual
+    stream stays fp32: every hidden state keeps the dtype the autograd forward gives it."""
     model = build(family)
     pixel_values = torch.randn(2, 3, 32, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):

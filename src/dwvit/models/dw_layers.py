@@ -15,6 +15,7 @@ from transformers import initialization as init
 
 from .dw_shortcut_autograd import (
     add_shortcut,
+    autocast_off,
     grid_tokens,
     patch_grid,
     recomputation_applies,
@@ -100,9 +101,22 @@ class DepthwiseShortcut(nn.Module):
 
     def forward(self, tokens: torch.Tensor, height: int, width: int, num_prefix_tokens: int = 0) -> torch.Tensor:
         self._check_grid(tokens, height, width, num_prefix_tokens)
-        tokens, precision = _float32_under_autocast(tokens)
-        with precision:
+        if not self._in_float32_under_autocast(tokens):
             return self._shortcut(tokens, height, width, num_prefix_tokens)
+        with autocast_off(tokens.device.type):
+            return self._shortcut(tokens.float(), height, width, num_prefix_tokens).to(tokens.dtype)
+
+    def _in_float32_under_autocast(self, tokens: torch.Tensor) -> bool:
+        """Whether autocast is on and the shortcut's weights are float32: it then computes in float32, as autocast
+        keeps its norms, and returns the tokens' dtype. In DWViT and DWCaiT its input and output are the residual
+        stream, float32 under autocast, so half precision would save the memory-bound shortcut no traffic, only add
+        casts; and every path (the fused kernel, the recomputing node, the plain modules) computes the same. A
+        shortcut with half-precision weights (a model cast to bf16) runs under autocast as its modules would."""
+        device = tokens.device.type
+        if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):  # none on "meta"
+            return False
+        weight = self.fused_weight if self.is_fused else self.branches[0].conv.weight
+        return weight.dtype == torch.float32
 
     def _shortcut(self, tokens: torch.Tensor, height: int, width: int, num_prefix_tokens: int) -> torch.Tensor:
         if self._checkpointing():
@@ -147,7 +161,7 @@ class DepthwiseShortcut(nn.Module):
 
     def _recompute_contexts(self):
         """Checkpoint contexts: the forward runs as is; its recomputation in backward must not move statistics."""
-        return contextlib.nullcontext(), _running_statistics_frozen([branch.norm for branch in self.branches])
+        return contextlib.nullcontext(), _FrozenRunningStatistics(self.branches)
 
     @torch.no_grad()
     def fuse(self) -> None:
@@ -234,26 +248,14 @@ class DepthwiseShortcut(nn.Module):
             return self._bias_maps[key]
         channels, kernel = self.fused_shift_weight.shape[0], self.fused_shift_weight.shape[-1]
         ones = self.fused_shift_weight.new_ones(1, channels, height, width)
-        bias_map = F.conv2d(ones, self.fused_shift_weight, self.fused_bias, padding=kernel // 2, groups=channels)
+        # Autocast (a direct call of `reference_shortcut` under it) would round the map before the single cast below.
+        with autocast_off(ones.device.type):
+            bias_map = F.conv2d(ones, self.fused_shift_weight, self.fused_bias, padding=kernel // 2, groups=channels)
         # Channels-last like the conv output it is added to: a broadcast add across layouts is several times slower.
         bias_map = bias_map.to(dtype).contiguous(memory_format=torch.channels_last)
         if not capturing:
             self._bias_maps[key] = bias_map
         return bias_map
-
-
-def _float32_under_autocast(tokens: torch.Tensor):
-    """`(tokens, context)` under which the shortcut runs: under autocast, float32 tokens and autocast off.
-
-    Autocast keeps norms in float32, and so it does the shortcut, a BatchNorm between two memory-bound ops: its
-    input and output are the residual stream, float32 under autocast, so half precision would save it no traffic,
-    only add casts, and every path (the fused kernel, the recomputing node, the plain modules) computes the same."""
-    device = tokens.device.type
-    if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):  # none on "meta"
-        return tokens, contextlib.nullcontext()
-    if tokens.dtype in (torch.float16, torch.bfloat16):
-        tokens = tokens.float()
-    return tokens, torch.autocast(device, enabled=False)
 
 
 def reference_shortcut(shortcut: DepthwiseShortcut, tokens: torch.Tensor, height: int, width: int,
@@ -269,22 +271,31 @@ def reference_shortcut(shortcut: DepthwiseShortcut, tokens: torch.Tensor, height
     return grid_tokens(output)
 
 
-@contextlib.contextmanager
-def _running_statistics_frozen(norms):
-    # Momentum 0 keeps running statistics exactly (running * 1 + batch * 0); the batch counter is restored.
-    # A norm without a momentum (DETR's frozen BatchNorm) has no statistics to move.
-    norms = [norm for norm in norms if hasattr(norm, "momentum")]
-    saved = [(norm.momentum, getattr(norm, "num_batches_tracked", None)) for norm in norms]
-    saved = [(momentum, None if counter is None else counter.clone()) for momentum, counter in saved]
-    for norm in norms:
-        norm.momentum = 0.0
-    try:
-        yield
-    finally:
-        for norm, (momentum, counter) in zip(norms, saved):
+class _FrozenRunningStatistics:
+    """A context in which the `branches`' BatchNorms compute with batch statistics but leave their running
+    statistics and batch counters as they were. Re-enterable: a checkpoint recomputes once per backward, and a
+    double backward runs more than one."""
+
+    def __init__(self, branches):
+        # Momentum 0 keeps running statistics exactly (running * 1 + batch * 0); the batch counter is restored.
+        # A norm without a momentum (DETR's frozen BatchNorm) has no statistics to move.
+        self.norms = [branch.norm for branch in branches if hasattr(branch.norm, "momentum")]
+        self.saved = []
+
+    def __enter__(self):
+        counters = [getattr(norm, "num_batches_tracked", None) for norm in self.norms]
+        self.saved.append([(norm.momentum, None if counter is None else counter.clone())
+                           for norm, counter in zip(self.norms, counters)])  # fmt: skip
+        for norm in self.norms:
+            norm.momentum = 0.0
+        return self
+
+    def __exit__(self, *exception):
+        for norm, (momentum, counter) in zip(self.norms, self.saved.pop()):
             norm.momentum = momentum
             if counter is not None:
                 norm.num_batches_tracked.copy_(counter)
+        return False
 
 
 def _norm_as_affine(norm: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

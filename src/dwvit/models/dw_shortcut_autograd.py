@@ -20,6 +20,8 @@ recomputes the plain composition with autograd, so gradient penalties see the ex
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,6 +38,13 @@ def grid_tokens(grid: torch.Tensor) -> torch.Tensor:
     """`(B, C, H, W)` back to `(B, H*W, C)` tokens: a view when the grid is channels-last."""
     batch_size, channels, height, width = grid.shape
     return grid.permute(0, 2, 3, 1).reshape(batch_size, height * width, channels)
+
+
+def autocast_off(device_type: str):
+    """A context with autocast off on `device_type`; nothing to turn off where autocast does not exist ("meta")."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _capturing_or_transforming() -> bool:
@@ -142,11 +151,12 @@ class _RecomputingShortcut(torch.autograd.Function):
         for index, branch in enumerate(shortcut.branches):
             norm, conv = branch.norm, branch.conv
             mean, inverse_std = statistics[2 * index], statistics[2 * index + 1]
-            norm_weight, norm_bias, conv_weight, conv_bias = parameters[4 * index : 4 * index + 4]
+            norm_weight, norm_bias, conv_weight, _ = parameters[4 * index : 4 * index + 4]
             scale = (norm_weight * inverse_std).view(1, -1, 1, 1)
             normalized = torch.addcmul(norm_bias.view(1, -1, 1, 1) - mean.view(1, -1, 1, 1) * scale, activated, scale)
             normalized_grad, conv_weight_grad, conv_bias_grad = torch.ops.aten.convolution_backward(
-                grid_grad, normalized, conv_weight, [channels], conv.stride, conv.padding, conv.dilation, False, [0, 0], conv.groups, [True, True, True],
+                grid_grad, normalized, conv_weight, [channels], conv.stride, conv.padding, conv.dilation, False,
+                [0, 0], conv.groups, [True, True, True],
             )  # fmt: skip
             branch_grad, norm_weight_grad, norm_bias_grad = torch.ops.aten.native_batch_norm_backward(
                 normalized_grad, activated, norm_weight, None, None, mean, inverse_std, True, norm.eps,
@@ -166,10 +176,9 @@ class _RecomputingShortcut(torch.autograd.Function):
 def _differentiable_backward(shortcut, tokens, parameters, output_grad, grid_shape):
     """The backward of the plain composition, recorded for a further derivative; BatchNorm statistics stay still
     and, as in the forward, autocast is off (a backward called under autocast would otherwise recompute in bf16)."""
-    from .dw_layers import _running_statistics_frozen, reference_shortcut  # noqa: PLC0415 (a cycle at import)
+    from .dw_layers import _FrozenRunningStatistics, reference_shortcut  # noqa: PLC0415 (a cycle at import)
 
-    autocast_off = torch.autocast(tokens.device.type, enabled=False)
-    with torch.enable_grad(), autocast_off, _running_statistics_frozen([branch.norm for branch in shortcut.branches]):
+    with torch.enable_grad(), autocast_off(tokens.device.type), _FrozenRunningStatistics(shortcut.branches):
         output = reference_shortcut(shortcut, tokens, *grid_shape)
         inputs = [tokens, *parameters]
         wanted = [tensor for tensor in inputs if tensor.requires_grad]
