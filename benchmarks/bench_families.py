@@ -220,12 +220,15 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--no-flops", action="store_true", help="skip FLOP counting")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast on the CPU too (CUDA always uses it)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     args.repeats = args.repeats or (2 if args.quick else 10)
     device, autocast = device_and_autocast(args.device)
-    print(machine_summary(device))
+    if args.bf16:
+        autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731
+    print(machine_summary(device) + (", bf16 autocast" if args.bf16 or device.type == "cuda" else ", float32"))
     print(
         f"{args.repeats} interleaved rounds, median per call; 'vs off' = time (or memory) relative to the first row "
         f"of the group (the DW model with the shortcut off); < 1 is faster.\n"

@@ -297,16 +297,20 @@ def test_training_shortcut_matches_the_hand_computation_in_values_gradients_and_
     assert torch.equal(tokens, tokens_before) and torch.equal(block_output, block_output_before)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bf16 under autocast"])
 @pytest.mark.usefixtures("shortcut_path")
-def test_training_shortcut_keeps_no_activation_sized_tensor_for_backward():
+def test_training_shortcut_keeps_no_activation_sized_tensor_for_backward(dtype):
     """Autograd holds only the input (a view of the block input, which the block keeps) and per-channel batch
-    statistics: the GELU and BatchNorm outputs are recomputed in backward instead of kept for the whole step."""
+    statistics: the GELU and BatchNorm outputs are recomputed in backward instead of kept for the whole step. bf16
+    tokens under autocast (DWSwin's) are cast to float32 inside, so no float32 copy of them is kept either."""
     from test_dwvit import saved_activation_bytes
 
     shortcut = DepthwiseShortcut(48, [3, 5]).train()
-    tokens = torch.randn(4, 1 + 64, 48, requires_grad=True)
+    tokens = torch.randn(4, 1 + 64, 48).to(dtype).requires_grad_()
     statistics_bytes = 2 * 2 * 48 * 4  # mean and inverse deviation per branch
-    assert saved_activation_bytes(shortcut, tokens, 8, 8, 1) <= tokens.numel() * 4 + statistics_bytes
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        saved = saved_activation_bytes(shortcut, tokens, 8, 8, 1)
+    assert saved <= tokens.numel() * tokens.element_size() + statistics_bytes
 
 
 def test_a_hook_on_the_norm_sees_its_output_and_the_result_is_unchanged():

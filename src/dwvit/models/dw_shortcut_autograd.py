@@ -47,6 +47,13 @@ def autocast_off(device_type: str):
     return contextlib.nullcontext()
 
 
+def compute_dtype(shortcut: nn.Module) -> torch.dtype:
+    """The dtype the shortcut computes in, its weights': tokens of another dtype are cast inside every path, so
+    that autograd keeps the tokens themselves (a view of the block input) rather than a cast copy."""
+    weight = shortcut.fused_weight if shortcut.fused_weight is not None else shortcut.branches[0].conv.weight
+    return weight.dtype
+
+
 def _capturing_or_transforming() -> bool:
     """Graph capture (compile, export, tracing) or a `torch.func` transform: the plain ops must be seen."""
     exporting = getattr(torch.compiler, "is_exporting", lambda: False)()  # torch >= 2.6
@@ -117,7 +124,7 @@ def _batch_norm_training(norm: nn.BatchNorm2d, grid: torch.Tensor):
 class _RecomputingShortcut(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tokens, shortcut, height, width, num_prefix_tokens, *parameters):
-        grid = patch_grid(tokens, height, width, num_prefix_tokens)
+        grid = patch_grid(tokens, height, width, num_prefix_tokens).to(compute_dtype(shortcut))
         activated = F.gelu(grid, approximate=shortcut.activation.approximate)
         output, statistics = None, []
         for branch in shortcut.branches:
@@ -142,7 +149,8 @@ class _RecomputingShortcut(torch.autograd.Function):
             )
             return (tokens_grad, None, None, None, None, *parameter_grads)
 
-        grid = patch_grid(tokens, height, width, num_prefix_tokens)
+        dtype = compute_dtype(shortcut)
+        grid = patch_grid(tokens, height, width, num_prefix_tokens).to(dtype)
         approximate = shortcut.activation.approximate
         activated = F.gelu(grid, approximate=approximate)
         batch_size, channels = grid.shape[:2]
@@ -164,13 +172,13 @@ class _RecomputingShortcut(torch.autograd.Function):
             )  # fmt: skip
             activated_grad = branch_grad if activated_grad is None else activated_grad.add_(branch_grad)
             parameter_grads += [norm_weight_grad, norm_bias_grad, conv_weight_grad, conv_bias_grad]
-        tokens_grad = torch.empty_like(tokens)
+        tokens_grad = torch.empty_like(tokens, dtype=dtype)
         tokens_grad[:, :num_prefix_tokens].zero_()
         torch.ops.aten.gelu_backward.grad_input(
             activated_grad, grid, approximate=approximate,
             grad_input=patch_grid(tokens_grad, height, width, num_prefix_tokens),
         )  # fmt: skip
-        return (tokens_grad, None, None, None, None, *parameter_grads)
+        return (tokens_grad.to(tokens.dtype), None, None, None, None, *parameter_grads)
 
 
 def _differentiable_backward(shortcut, tokens, parameters, output_grad, grid_shape):

@@ -124,12 +124,16 @@ def load_library() -> ctypes.CDLL | None:
     return library
 
 
+# The kernel reads float32; half-precision tokens (DWSwin's under autocast) are cast to it in the node, not kept.
+_TOKEN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def kernel_applies(shortcut: nn.Module, tokens: torch.Tensor) -> bool:
     """Whether the kernel computes what the modules of `shortcut` would, for these tokens, autograd included.
 
     Autocast does not matter: the shortcut computes in float32 under it (`DepthwiseShortcut.forward`), and so
     does the kernel, which calls no op that autocast casts."""
-    if tokens.device.type != "cpu" or tokens.dtype != torch.float32 or not tokens.is_contiguous():
+    if tokens.device.type != "cpu" or tokens.dtype not in _TOKEN_DTYPES or not tokens.is_contiguous():
         return False
     if not _runs_as_plain_modules(shortcut, branches=not shortcut.is_fused):
         return False
@@ -283,6 +287,7 @@ def _largest_kernel(branches) -> int:
 def _forward(tokens, block_output, shortcut, height, width, num_prefix_tokens):
     """The kernel's forward: the shortcut, or `block_output` with it added; also what backward needs."""
     library, threads = load_library(), torch.get_num_threads()
+    tokens = tokens.float()  # the tokens themselves when float32
     batch_size, channels = tokens.shape[0], tokens.shape[2]
     shape = (batch_size, height, width, channels)
     # The rows the C side reads and writes: the first patch token of the tokens, of the block output and of the
@@ -338,6 +343,7 @@ class _KernelShortcut(torch.autograd.Function):
             return (tokens_grad, block_grad, None, None, None, None, *parameter_grads)
 
         library, threads, kernel = load_library(), torch.get_num_threads(), ctx.kernel
+        tokens_dtype, tokens = tokens.dtype, tokens.float()
         batch_size, channels = tokens.shape[0], tokens.shape[2]
         shape = (batch_size, height, width, channels)
         if not output_grad.is_contiguous():
@@ -352,7 +358,7 @@ class _KernelShortcut(torch.autograd.Function):
                 pointers[0], pointers[1], scale_taps.data_ptr(), pointers[2], *shape, kernel, tokens.stride(0),
                 output_grad.stride(0), offset // 4, threads,
             )  # fmt: skip
-            return (tokens_grad, block_grad, None, None, None, None)
+            return (tokens_grad.to(tokens_dtype), block_grad, None, None, None, None)
         parameter_grads = [torch.empty_like(parameter) for parameter in parameters]
         # From the saved tensors alone (the running statistics are not read in backward).
         rows = [[*parameters[4 * n : 4 * n + 4], None, None, *statistics[2 * n : 2 * n + 2],
@@ -361,7 +367,7 @@ class _KernelShortcut(torch.autograd.Function):
             *pointers, *shape, kernel, tokens.stride(0), output_grad.stride(0), offset // 4, num_branches,
             *_pointer_table(rows), int(ctx.batch_statistics), threads, _seconds_pointer(3),
         )  # fmt: skip
-        return (tokens_grad, block_grad, None, None, None, None, *parameter_grads)
+        return (tokens_grad.to(tokens_dtype), block_grad, None, None, None, None, *parameter_grads)
 
 
 def kernel_shortcut(shortcut: nn.Module, tokens: torch.Tensor, height: int, width: int, num_prefix_tokens: int,
