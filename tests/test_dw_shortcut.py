@@ -423,6 +423,41 @@ def test_bf16_tokens_under_autocast_are_computed_in_float32_and_returned_in_bf16
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("autocast", [True, False], ids=["under autocast", "outside autocast"])
+@pytest.mark.usefixtures("shortcut_path")
+def test_bf16_tokens_added_to_a_float32_block_output_give_what_the_separate_add_gives(autocast):
+    """`add_to` is `add_shortcut(block_output, shortcut(tokens))` on every path: the shortcut of bf16 tokens is
+    rounded to bf16 before it meets a float32 block output (the kernel's fused add, which skipped the rounding,
+    now takes float32 tokens only)."""
+    torch.manual_seed(39)
+    shortcut = DepthwiseShortcut(8, [3, 5]).train()
+    separate = copy.deepcopy(shortcut)
+    tokens = (4 * torch.randn(2, 1 + 20, 8)).bfloat16().requires_grad_()
+    block_output = torch.randn(2, 1 + 20, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        output = shortcut.add_to(block_output, tokens, 4, 5, 1)
+        expected = add_shortcut(block_output, separate(tokens, 4, 5, 1), 1)
+    assert output.dtype == expected.dtype == torch.float32
+    torch.testing.assert_close(output, expected, atol=0, rtol=0)
+    weights = torch.randn(output.shape)
+    grads = torch.autograd.grad((output * weights).sum(), [tokens, block_output, *shortcut.parameters()])
+    expected_grads = torch.autograd.grad((expected * weights).sum(), [tokens, block_output, *separate.parameters()])
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.usefixtures("shortcut_path")
+def test_other_dtype_mixes_are_left_to_the_modules(training):
+    """Only half-precision tokens of a float32 shortcut are cast; float64 tokens are not silently rounded to float32,
+    nor float32 tokens to a bf16 shortcut's precision: the modules refuse them, as they do alone."""
+    shortcut = DepthwiseShortcut(8, [3]).train(training)
+    with pytest.raises(RuntimeError, match="dtype"):
+        shortcut(torch.randn(2, 1 + 12, 8, dtype=torch.float64), 3, 4, 1)
+    with pytest.raises(RuntimeError, match="dtype"):
+        shortcut.bfloat16()(torch.randn(2, 1 + 12, 8), 3, 4, 1)
+
+
 @pytest.mark.parametrize("mode", ["train", "eval", "fused"])
 def test_a_bf16_shortcut_under_autocast_runs_as_its_bf16_modules(mode):
     """A model cast to bf16 (weights and statistics) and run under autocast, as with transformers'

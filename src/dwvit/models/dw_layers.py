@@ -16,7 +16,7 @@ from transformers import initialization as init
 from .dw_shortcut_autograd import (
     add_shortcut,
     autocast_off,
-    compute_dtype,
+    upcasts,
     grid_tokens,
     patch_grid,
     recomputation_applies,
@@ -102,20 +102,22 @@ class DepthwiseShortcut(nn.Module):
 
     def forward(self, tokens: torch.Tensor, height: int, width: int, num_prefix_tokens: int = 0) -> torch.Tensor:
         self._check_grid(tokens, height, width, num_prefix_tokens)
-        with autocast_off(tokens.device.type) if self._in_float32_under_autocast() else contextlib.nullcontext():
+        with autocast_off(tokens.device.type) if self._in_float32_under_autocast(tokens) else contextlib.nullcontext():
             output = self._shortcut(tokens, height, width, num_prefix_tokens)
-        return output.to(tokens.dtype)
+        return output.to(tokens.dtype) if upcasts(self, tokens) else output
 
-    def _in_float32_under_autocast(self) -> bool:
+    def _in_float32_under_autocast(self, tokens: torch.Tensor) -> bool:
         """Whether autocast is on and the shortcut's weights are float32: it then computes in float32, as autocast
         keeps its norms. In DWViT and DWCaiT its input and output are the residual stream, float32 under autocast,
         so half precision would save the memory-bound shortcut no traffic, only add casts; and every path (the fused
-        kernel, the recomputing node, the plain modules) computes the same. A shortcut with half-precision weights
-        (a model cast to bf16) runs under autocast as its modules would."""
-        device = self.branches[0].conv.weight.device.type
+        kernel, the recomputing node, the plain modules) computes the same. Half-precision tokens (DWSwin's) are
+        cast up inside each path and the result rounded once to their dtype (`upcasts`). A shortcut with
+        half-precision weights (a model cast to bf16) runs under autocast as its modules would."""
+        device = tokens.device.type
         if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):  # none on "meta"
             return False
-        return compute_dtype(self) == torch.float32
+        weight = self.fused_weight if self.is_fused else self.branches[0].conv.weight
+        return weight.dtype == torch.float32
 
     def _shortcut(self, tokens: torch.Tensor, height: int, width: int, num_prefix_tokens: int) -> torch.Tensor:
         if self._checkpointing():
@@ -259,9 +261,10 @@ class DepthwiseShortcut(nn.Module):
 
 def reference_shortcut(shortcut: DepthwiseShortcut, tokens: torch.Tensor, height: int, width: int,
                        num_prefix_tokens: int = 0) -> torch.Tensor:
-    """The shortcut as plain module calls (its definition): what every faster path must compute. Tokens of another
-    dtype than the weights' (bf16 ones in DWSwin under autocast) are cast to it."""
-    grid = shortcut.activation(patch_grid(tokens, height, width, num_prefix_tokens).to(compute_dtype(shortcut)))
+    """The shortcut as plain module calls (its definition): what every faster path must compute. Half-precision
+    tokens of a float32 shortcut (DWSwin's under autocast) are computed from in float32 (`upcasts`)."""
+    grid = patch_grid(tokens, height, width, num_prefix_tokens)
+    grid = shortcut.activation(grid.float() if upcasts(shortcut, tokens) else grid)
     if shortcut.is_fused:
         output = shortcut._fused_conv(grid)
     else:

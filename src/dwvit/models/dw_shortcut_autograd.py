@@ -13,8 +13,8 @@ shortcut for the class tokens and adding would write a second full-size tensor.
 
 Both are used only where their hand-written backward is known to match: `DepthwiseShortcut` falls back to the
 plain composition under function transforms, graph capture, hooks on its parts, another module in the activation
-slot, or any norm other than a training-mode `nn.BatchNorm2d`. Autocast is off inside the shortcut (it computes
-in float32, `DepthwiseShortcut.forward`). A second-order backward (`create_graph=True`)
+slot, or any norm other than a training-mode `nn.BatchNorm2d`. Under autocast a float32 shortcut turns it off
+and computes in float32 (`DepthwiseShortcut.forward`), from half-precision tokens too (`upcasts`). A second-order backward (`create_graph=True`)
 recomputes the plain composition with autograd, so gradient penalties see the exact derivative.
 """
 
@@ -47,11 +47,13 @@ def autocast_off(device_type: str):
     return contextlib.nullcontext()
 
 
-def compute_dtype(shortcut: nn.Module) -> torch.dtype:
-    """The dtype the shortcut computes in, its weights': tokens of another dtype are cast inside every path, so
-    that autograd keeps the tokens themselves (a view of the block input) rather than a cast copy."""
+def upcasts(shortcut: nn.Module, tokens: torch.Tensor) -> bool:
+    """Whether the shortcut computes from half-precision `tokens` in float32, its weights' dtype (DWSwin's bf16
+    stream under autocast). The paths cast inside, so that the kernel's node, the recomputing node and the
+    checkpointed recompute keep the tokens themselves (a view of the block input) rather than a float32 copy. Other
+    mixes of dtypes are left to the modules."""
     weight = shortcut.fused_weight if shortcut.fused_weight is not None else shortcut.branches[0].conv.weight
-    return weight.dtype
+    return tokens.dtype in (torch.bfloat16, torch.float16) and weight.dtype == torch.float32
 
 
 def _capturing_or_transforming() -> bool:
@@ -124,7 +126,8 @@ def _batch_norm_training(norm: nn.BatchNorm2d, grid: torch.Tensor):
 class _RecomputingShortcut(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tokens, shortcut, height, width, num_prefix_tokens, *parameters):
-        grid = patch_grid(tokens, height, width, num_prefix_tokens).to(compute_dtype(shortcut))
+        grid = patch_grid(tokens, height, width, num_prefix_tokens)
+        grid = grid.float() if upcasts(shortcut, tokens) else grid
         activated = F.gelu(grid, approximate=shortcut.activation.approximate)
         output, statistics = None, []
         for branch in shortcut.branches:
@@ -149,8 +152,8 @@ class _RecomputingShortcut(torch.autograd.Function):
             )
             return (tokens_grad, None, None, None, None, *parameter_grads)
 
-        dtype = compute_dtype(shortcut)
-        grid = patch_grid(tokens, height, width, num_prefix_tokens).to(dtype)
+        grid = patch_grid(tokens, height, width, num_prefix_tokens)
+        grid = grid.float() if upcasts(shortcut, tokens) else grid
         approximate = shortcut.activation.approximate
         activated = F.gelu(grid, approximate=approximate)
         batch_size, channels = grid.shape[:2]
@@ -172,7 +175,7 @@ class _RecomputingShortcut(torch.autograd.Function):
             )  # fmt: skip
             activated_grad = branch_grad if activated_grad is None else activated_grad.add_(branch_grad)
             parameter_grads += [norm_weight_grad, norm_bias_grad, conv_weight_grad, conv_bias_grad]
-        tokens_grad = torch.empty_like(tokens, dtype=dtype)
+        tokens_grad = torch.empty_like(tokens, dtype=grid.dtype)
         tokens_grad[:, :num_prefix_tokens].zero_()
         torch.ops.aten.gelu_backward.grad_input(
             activated_grad, grid, approximate=approximate,

@@ -12,7 +12,7 @@ a training forward or backward is one call (inside a training step Python costs 
 The library is compiled on first use with the host C++ compiler (about two seconds) into a cache folder keyed by
 the source, the compiler and the CPU, and loaded with ctypes. Without a compiler, with `DWVIT_CPU_KERNEL=0`, or
 wherever `kernel_applies` says no (graph capture, hooks on the shortcut's parts, other modules in its
-slots, another dtype or device), the shortcut runs as PyTorch ops (dw_shortcut_autograd.py, dw_layers.py).
+slots, weights other than float32, another device), the shortcut runs as PyTorch ops (dw_shortcut_autograd.py, dw_layers.py).
 """
 
 from __future__ import annotations
@@ -152,12 +152,12 @@ def kernel_applies(shortcut: nn.Module, tokens: torch.Tensor) -> bool:
 
 
 def kernel_adds(shortcut: nn.Module, block_output: torch.Tensor, tokens: torch.Tensor) -> bool:
-    """Whether the kernel can also add the shortcut to `block_output` (same shape, float32, contiguous); the
+    """Whether the kernel can also add the shortcut to `block_output` (same shape, both float32, contiguous); the
     module's own forward hooks must see its output, so they keep the separate add."""
     return (
         not _has_hooks(shortcut)
         and block_output.shape == tokens.shape
-        and block_output.dtype == torch.float32
+        and block_output.dtype == tokens.dtype == torch.float32
         and block_output.is_contiguous()
         and block_output.device == tokens.device
         and kernel_applies(shortcut, tokens)
