@@ -39,6 +39,7 @@ from bench_utils import (  # noqa: E402
     make_train_step_fn,
     median,
     peak_train_memory,
+    precision_summary,
     time_interleaved,
 )
 
@@ -225,10 +226,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.repeats = args.repeats or (2 if args.quick else 10)
-    device, autocast = device_and_autocast(args.device)
-    if args.bf16:
-        autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731
-    print(machine_summary(device) + (", bf16 autocast" if args.bf16 or device.type == "cuda" else ", float32"))
+    device, autocast = device_and_autocast(args.device, args.bf16)
+    print(f"{machine_summary(device)}, {precision_summary(device, args.bf16)}")
     print(
         f"{args.repeats} interleaved rounds, median per call; 'vs off' = time (or memory) relative to the first row "
         f"of the group (the DW model with the shortcut off); < 1 is faster.\n"

@@ -33,7 +33,6 @@ with one pass of a plain add over the same tensor, warm and cold (after a 128 MB
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import os
 import resource
@@ -43,7 +42,14 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_utils import format_table, machine_summary, median, time_interleaved  # noqa: E402
+from bench_utils import (  # noqa: E402
+    device_and_autocast,
+    format_table,
+    machine_summary,
+    median,
+    precision_summary,
+    time_interleaved,
+)
 
 from dwvit import DWViTForImageClassification, named_config  # noqa: E402
 from dwvit.models import dw_shortcut_kernel  # noqa: E402
@@ -76,7 +82,7 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="forward passes under bf16 autocast")
     parser.add_argument("--attention", choices=["sdpa", "eager"], default="sdpa")
     args = parser.parse_args()
-    precision = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if args.bf16 else contextlib.nullcontext
+    _, precision = device_and_autocast("cpu", args.bf16)
     torch.set_num_threads(args.threads)
     library = dw_shortcut_kernel.load_library()
     if library is None:
@@ -179,7 +185,7 @@ def main() -> None:
     print(machine_summary(torch.device("cpu")))
     print(
         f"\nmodel: {args.size} {args.image_size}/{args.patch_size}, batch {args.batch_size}, {args.attention} "
-        f"attention, {'bf16 autocast' if args.bf16 else 'float32'}, {num_shortcuts} "
+        f"attention, {precision_summary(torch.device('cpu'), args.bf16)}, {num_shortcuts} "
         f"shortcuts; one (batch, tokens, channels) tensor = {tokens.numel() * 4 / 2**20:.2f} MiB; one plain add "
         f"over it: {warm:.3f} ms warm, {cold:.3f} ms cold\n"
     )

@@ -19,14 +19,21 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 
-def device_and_autocast(device_name: str | None = None) -> tuple[torch.device, Callable[[], contextlib.AbstractContextManager]]:
-    """CUDA with bf16 autocast when present (or asked for), else the CPU in float32."""
+def device_and_autocast(
+    device_name: str | None = None, bf16: bool = False
+) -> tuple[torch.device, Callable[[], contextlib.AbstractContextManager]]:
+    """CUDA with bf16 autocast when present (or asked for), else the CPU in float32 (in bf16 autocast with `bf16`)."""
     if device_name is None:
         device_name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device_name)
-    if device.type == "cuda":
-        return device, lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    if bf16 or device.type == "cuda":
+        return device, lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     return device, contextlib.nullcontext
+
+
+def precision_summary(device: torch.device, bf16: bool = False) -> str:
+    """What `device_and_autocast(device, bf16)` computes in."""
+    return "bf16 autocast" if bf16 or device.type == "cuda" else "float32"
 
 
 def synchronize(device: torch.device) -> None:

@@ -31,6 +31,7 @@ from bench_utils import (  # noqa: E402
     make_train_step_fn,
     median,
     peak_train_memory,
+    precision_summary,
     time_interleaved,
 )
 
@@ -88,10 +89,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     repeats = args.repeats or (3 if args.quick else 15)
     batch_224 = args.batch_size or (4 if args.quick else 16)
-    device, autocast = device_and_autocast(args.device)
-    if args.bf16:
-        autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731
-    print(machine_summary(device) + (", bf16 autocast" if args.bf16 or device.type == "cuda" else ", float32"))
+    device, autocast = device_and_autocast(args.device, args.bf16)
+    print(f"{machine_summary(device)}, {precision_summary(device, args.bf16)}")
     print(
         f"interleaved rounds: {repeats}; median seconds per call; ratio = median time / median transformers ViT time; "
         "IQR = interquartile range of the per-round ratios; 'vs off' = the same against DWViT with the shortcut off "
