@@ -16,11 +16,12 @@ from transformers import initialization as init
 from .dw_shortcut_autograd import (
     add_shortcut,
     autocast_off,
-    upcasts,
     grid_tokens,
+    has_float32_weights,
     patch_grid,
     recomputation_applies,
     recomputing_shortcut,
+    upcasts,
 )
 from .dw_shortcut_kernel import kernel_adds, kernel_applies, kernel_shortcut
 
@@ -116,8 +117,7 @@ class DepthwiseShortcut(nn.Module):
         device = tokens.device.type
         if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):  # none on "meta"
             return False
-        weight = self.fused_weight if self.is_fused else self.branches[0].conv.weight
-        return weight.dtype == torch.float32
+        return has_float32_weights(self)
 
     def _shortcut(self, tokens: torch.Tensor, height: int, width: int, num_prefix_tokens: int) -> torch.Tensor:
         if self._checkpointing():

@@ -14,8 +14,9 @@ shortcut for the class tokens and adding would write a second full-size tensor.
 Both are used only where their hand-written backward is known to match: `DepthwiseShortcut` falls back to the
 plain composition under function transforms, graph capture, hooks on its parts, another module in the activation
 slot, or any norm other than a training-mode `nn.BatchNorm2d`. Under autocast a float32 shortcut turns it off
-and computes in float32 (`DepthwiseShortcut.forward`), from half-precision tokens too (`upcasts`). A second-order backward (`create_graph=True`)
-recomputes the plain composition with autograd, so gradient penalties see the exact derivative.
+and computes in float32 (`DepthwiseShortcut.forward`), from half-precision tokens too (`upcasts`). A second-order
+backward (`create_graph=True`) recomputes the plain composition with autograd, so gradient penalties see the exact
+derivative.
 """
 
 from __future__ import annotations
@@ -47,13 +48,18 @@ def autocast_off(device_type: str):
     return contextlib.nullcontext()
 
 
+def has_float32_weights(shortcut: nn.Module) -> bool:
+    """Whether the shortcut's conv weights (fused or not) are float32: it then computes in float32."""
+    weight = shortcut.fused_weight if shortcut.fused_weight is not None else shortcut.branches[0].conv.weight
+    return weight.dtype == torch.float32
+
+
 def upcasts(shortcut: nn.Module, tokens: torch.Tensor) -> bool:
     """Whether the shortcut computes from half-precision `tokens` in float32, its weights' dtype (DWSwin's bf16
     stream under autocast). The paths cast inside, so that the kernel's node, the recomputing node and the
     checkpointed recompute keep the tokens themselves (a view of the block input) rather than a float32 copy. Other
     mixes of dtypes are left to the modules."""
-    weight = shortcut.fused_weight if shortcut.fused_weight is not None else shortcut.branches[0].conv.weight
-    return tokens.dtype in (torch.bfloat16, torch.float16) and weight.dtype == torch.float32
+    return tokens.dtype in (torch.bfloat16, torch.float16) and has_float32_weights(shortcut)
 
 
 def _capturing_or_transforming() -> bool:

@@ -11,8 +11,9 @@ a training forward or backward is one call (inside a training step Python costs 
 
 The library is compiled on first use with the host C++ compiler (about two seconds) into a cache folder keyed by
 the source, the compiler and the CPU, and loaded with ctypes. Without a compiler, with `DWVIT_CPU_KERNEL=0`, or
-wherever `kernel_applies` says no (graph capture, hooks on the shortcut's parts, other modules in its
-slots, weights other than float32, another device), the shortcut runs as PyTorch ops (dw_shortcut_autograd.py, dw_layers.py).
+wherever `kernel_applies` says no (graph capture, hooks on the shortcut's parts, other modules in its slots,
+weights other than float32, another device), the shortcut runs as PyTorch ops (dw_shortcut_autograd.py,
+dw_layers.py).
 """
 
 from __future__ import annotations
