@@ -1,6 +1,6 @@
 """Where the depth-wise shortcut's time goes inside a real training step, and the floor under it.
 
-One process, interleaved rounds of a full training step (forward, loss, backward, AdamW) of four models with the
+One process, interleaved rounds of a full training step (forward, loss, backward, AdamW) of several models with the
 same weights where they share them:
 
 - `off`: the DW model with the shortcut off (the baseline of every ratio);
@@ -13,7 +13,14 @@ same weights where they share them:
   the group input, its gradient and the sum's allocation; the floor for any shortcut that reads its input;
 - `gelu only`: the shortcut replaced by `block_output + GELU(tokens)` in PyTorch's ops (GELU forward, its backward,
   one add): the floor for any shortcut that applies an exact GELU at PyTorch's speed and keeps no activation
-  beyond its input.
+  beyond its input;
+- `traffic only`: the shortcut's memory traffic with none of its arithmetic, in PyTorch ops: in training, one read
+  of the tokens (where the batch statistics are gathered), the add, and in backward one read of the tokens and the
+  gradient (the reductions) and a pass that reads both and writes the input gradient (`gradient + tokens`). Batch
+  statistics make any exact shortcut read its input twice in a training forward (the statistics must be complete
+  before the first output is normalised) and its input and gradient twice in backward (the input gradient carries
+  terms of batch-wide sums of the gradient), so this is the floor of any exact shortcut in a training step; in eval
+  mode (running statistics) it is `add only`.
 
 The same models are also timed in inference (eval mode, `torch.no_grad`). The table also gives each model's minor
 page faults per training step (fresh pages from the allocator, which glibc's default malloc maps and returns for
@@ -64,6 +71,22 @@ PASSES = {"batch statistics": 0, "forward (with the add)": 2, "backward reductio
 PER_CHANNEL = [1, 4]  # folding and running statistics; parameter gradients (single-threaded)
 
 
+class _TrafficOnly(torch.autograd.Function):
+    """`block_output + tokens` with the reads and writes of a shortcut's four training passes and no arithmetic."""
+
+    @staticmethod
+    def forward(ctx, block_output, tokens):
+        tokens.sum(dim=(0, 1))  # the statistics pass
+        ctx.save_for_backward(tokens)
+        return block_output + tokens  # the forward pass with the add
+
+    @staticmethod
+    def backward(ctx, grad):
+        (tokens,) = ctx.saved_tensors
+        tokens.sum(dim=(0, 1)), grad.sum(dim=(0, 1))  # the reductions
+        return grad, grad + tokens  # the input gradient
+
+
 class _NoPasses:
     """A stand-in for the kernel's library whose every function does nothing."""
 
@@ -104,6 +127,7 @@ def main() -> None:
     models["passes skipped"] = copy.deepcopy(models["kernel"])
     models["add only"] = copy.deepcopy(models["kernel"])
     models["gelu only"] = copy.deepcopy(models["kernel"])
+    models["traffic only"] = copy.deepcopy(models["kernel"])
     pixel_values = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
     labels = torch.randint(0, 10, (args.batch_size,))
     optimizers = {name: torch.optim.AdamW(model.parameters()) for name, model in models.items()}
@@ -115,7 +139,12 @@ def main() -> None:
     def gelu_only(self, block_output, tokens, height, width, num_prefix_tokens=0):
         return block_output + torch.nn.functional.gelu(tokens)
 
-    replacements = {"add only": add_only, "gelu only": gelu_only}
+    def traffic_only(self, block_output, tokens, height, width, num_prefix_tokens=0):
+        if not self.training:
+            return block_output + tokens
+        return _TrafficOnly.apply(block_output, tokens)
+
+    replacements = {"add only": add_only, "gelu only": gelu_only, "traffic only": traffic_only}
     no_passes = _NoPasses()
     libraries = {"pytorch ops": lambda: None, "passes skipped": lambda: no_passes}
 
