@@ -6,6 +6,7 @@ one-pass add, when the kernel steps aside, and its build."""
 from __future__ import annotations
 
 import copy
+import platform
 import shutil
 import warnings
 
@@ -282,6 +283,37 @@ def test_without_a_working_compiler_the_shortcut_warns_once_and_runs_as_pytorch_
             assert not kernel_applies(shortcut, tokens)
             torch.testing.assert_close(shortcut(tokens, 3, 3, 1), reference_shortcut(shortcut, tokens, 3, 3, 1))
         assert not list(tmp_path.rglob("*.so"))  # nothing half-built is left in the cache
+    finally:
+        dw_shortcut_kernel.load_library.cache_clear()
+
+
+@pytest.mark.skipif(
+    platform.machine().lower() not in ("x86_64", "amd64") or shutil.which("g++") is None, reason="x86 with g++"
+)
+def test_the_kernel_asks_for_512_bit_vectors_on_x86_and_builds_without_them_where_refused(monkeypatch, tmp_path):
+    # A compiler that logs each command and refuses the 512-bit option, as one that does not know it would.
+    log = tmp_path / "commands.txt"
+    compiler = tmp_path / "cxx"
+    compiler.write_text(
+        f'#!/bin/sh\necho "$*" >> {log}\n'
+        'for arg in "$@"; do [ "$arg" = "-mprefer-vector-width=512" ] && exit 1; done\n'
+        f'exec {shutil.which("g++")} "$@"\n'
+    )
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CXX", str(compiler))
+    monkeypatch.setenv("DWVIT_KERNEL_CACHE", str(tmp_path / "cache"))
+    dw_shortcut_kernel.load_library.cache_clear()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the fallback builds without a warning
+            assert dw_shortcut_kernel.load_library() is not None
+        builds = [line.split() for line in log.read_text().splitlines() if "-o" in line.split()]
+        assert ["-mprefer-vector-width=512" in build for build in builds] == [True, False]
+        assert "-march=native" in builds[1]
+        shortcut = make_shortcut(16, [3], training=False)
+        tokens = torch.randn(2, 1 + 16, 16)
+        assert kernel_applies(shortcut, tokens)
+        torch.testing.assert_close(shortcut(tokens, 4, 4, 1), reference_shortcut(shortcut, tokens, 4, 4, 1))
     finally:
         dw_shortcut_kernel.load_library.cache_clear()
 
