@@ -19,8 +19,8 @@ same weights where they share them:
   gradient (the reductions) and a pass that reads both and writes the input gradient (`gradient + tokens`). Batch
   statistics make any exact shortcut read its input twice in a training forward (the statistics must be complete
   before the first output is normalised) and its input and gradient twice in backward (the input gradient carries
-  terms of batch-wide sums of the gradient), so this is the floor of any exact shortcut in a training step; in eval
-  mode (running statistics) it is `add only`.
+  terms of batch-wide sums of the gradient), so this is a floor for a standalone exact shortcut in a training step,
+  at PyTorch's speed for these passes; in eval mode (running statistics) it is `add only`.
 
 The same models are also timed in inference (eval mode, `torch.no_grad`). The table also gives each model's minor
 page faults per training step (fresh pages from the allocator, which glibc's default malloc maps and returns for

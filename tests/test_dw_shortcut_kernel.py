@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import copy
 import platform
+import shlex
 import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -287,20 +289,26 @@ def test_without_a_working_compiler_the_shortcut_warns_once_and_runs_as_pytorch_
         dw_shortcut_kernel.load_library.cache_clear()
 
 
+def _logging_compiler(tmp_path, refuse: str | None = None) -> tuple[str, Path]:
+    """A CXX value for g++ behind a shell script that logs each command and fails where `refuse` is among its
+    arguments, as a compiler that does not know that option would; and the log."""
+    log, script = tmp_path / "commands.txt", tmp_path / "cxx.sh"
+    refusal = f'for arg in "$@"; do [ "$arg" = {shlex.quote(refuse)} ] && exit 1; done\n' if refuse else ""
+    script.write_text(
+        f'echo "$*" >> {shlex.quote(str(log))}\n{refusal}exec {shlex.quote(shutil.which("g++"))} "$@"\n'
+    )
+    return f"/bin/sh {shlex.quote(str(script))}", log
+
+
 @pytest.mark.skipif(
     platform.machine().lower() not in ("x86_64", "amd64") or shutil.which("g++") is None, reason="x86 with g++"
 )
-def test_the_kernel_asks_for_512_bit_vectors_on_x86_and_builds_without_them_where_refused(monkeypatch, tmp_path):
-    # A compiler that logs each command and refuses the 512-bit option, as one that does not know it would.
-    log = tmp_path / "commands.txt"
-    compiler = tmp_path / "cxx"
-    compiler.write_text(
-        f'#!/bin/sh\necho "$*" >> {log}\n'
-        'for arg in "$@"; do [ "$arg" = "-mprefer-vector-width=512" ] && exit 1; done\n'
-        f'exec {shutil.which("g++")} "$@"\n'
-    )
-    compiler.chmod(0o755)
-    monkeypatch.setenv("CXX", str(compiler))
+@pytest.mark.parametrize("refused", [False, True], ids=["accepted", "refused"])
+def test_the_kernel_asks_for_512_bit_vectors_on_x86_and_builds_without_them_where_refused(
+    monkeypatch, tmp_path, refused
+):
+    compiler, log = _logging_compiler(tmp_path, "-mprefer-vector-width=512" if refused else None)
+    monkeypatch.setenv("CXX", compiler)
     monkeypatch.setenv("DWVIT_KERNEL_CACHE", str(tmp_path / "cache"))
     dw_shortcut_kernel.load_library.cache_clear()
     try:
@@ -308,8 +316,8 @@ def test_the_kernel_asks_for_512_bit_vectors_on_x86_and_builds_without_them_wher
             warnings.simplefilter("error")  # the fallback builds without a warning
             assert dw_shortcut_kernel.load_library() is not None
         builds = [line.split() for line in log.read_text().splitlines() if "-o" in line.split()]
-        assert ["-mprefer-vector-width=512" in build for build in builds] == [True, False]
-        assert "-march=native" in builds[1]
+        assert ["-mprefer-vector-width=512" in build for build in builds] == ([True, False] if refused else [True])
+        assert "-march=native" in builds[-1]
         shortcut = make_shortcut(16, [3], training=False)
         tokens = torch.randn(2, 1 + 16, 16)
         assert kernel_applies(shortcut, tokens)
