@@ -1,4 +1,4 @@
-"""Fits the rational erf of the fused kernel's `normal_cdf` (src/dwvit/models/csrc/dw_shortcut_cpu.cpp) and prints
+"""Fits the rational erf of the fused kernel's `normal_cdf` (src/dwvit/models/csrc/dw_shortcut_normal.h) and prints
 its coefficients and errors, so that they can be checked or refitted.
 
 erf(u) ~ u * P(u^2) / Q(u^2) on [0, 4] with Q(0) = 1: linearised least squares (minimise u * P - erf * Q), each

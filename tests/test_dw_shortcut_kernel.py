@@ -326,6 +326,44 @@ def test_the_kernel_asks_for_512_bit_vectors_on_x86_and_builds_without_them_wher
         dw_shortcut_kernel.load_library.cache_clear()
 
 
+def test_a_changed_header_rebuilds_the_kernel(monkeypatch, tmp_path):
+    """The source is split into a translation unit and headers: editing any of them must give a new library, not the
+    cached one built from the old text."""
+    sources = tmp_path / "csrc"
+    shutil.copytree(dw_shortcut_kernel._source_path().parent, sources)
+    compiler, log = _logging_compiler(tmp_path)
+    monkeypatch.setenv("CXX", compiler)
+    monkeypatch.setenv("DWVIT_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(dw_shortcut_kernel, "_source_path", lambda: sources / "dw_shortcut_cpu.cpp")
+
+    def load():
+        dw_shortcut_kernel.load_library.cache_clear()
+        assert dw_shortcut_kernel.load_library() is not None
+        return [line for line in log.read_text().splitlines() if "-o" in line.split()]
+
+    try:
+        assert len(load()) == 1
+        assert len(load()) == 1  # unchanged sources: the cached library
+        header = sources / "dw_shortcut_normal.h"
+        assert header.is_file()
+        header.write_text(header.read_text() + "\n// edited\n")
+        assert len(load()) == 2
+        assert len(list((tmp_path / "cache").glob("*.so"))) == 2
+    finally:
+        dw_shortcut_kernel.load_library.cache_clear()
+
+
+def test_the_package_ships_every_kernel_source():
+    """A wheel must carry the headers the translation unit includes, or an installed package cannot build it."""
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).resolve().parents[1]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["dwvit"]
+    package = root / "src" / "dwvit"
+    shipped = {path for pattern in patterns for path in package.glob(pattern)}
+    sources = dw_shortcut_kernel._source_files(package / "models" / "csrc" / "dw_shortcut_cpu.cpp")
+    assert len(sources) > 1 and set(sources) <= shipped, sorted(set(sources) - shipped)
+
+
 def test_the_kernel_can_be_switched_off(monkeypatch):
     monkeypatch.setenv("DWVIT_CPU_KERNEL", "0")
     dw_shortcut_kernel.load_library.cache_clear()

@@ -1,16 +1,17 @@
 """The depth-wise shortcut as a fused CPU kernel: four passes over the tokens per training step.
 
 PyTorch runs the shortcut as separate memory-bound ops (GELU, BatchNorm statistics, normalise, conv, their
-backward kernels), each a full pass over a `(batch, tokens, channels)` tensor. `csrc/dw_shortcut_cpu.cpp` folds
-every branch's BatchNorm and kernel into one k x k scale kernel and shift kernel and computes, in one pass each,
-the batch statistics (leaving GELU in the output), the output with the add into the block output, the backward
-reductions, and the input gradient (GELU recomputed from the tokens, so autograd keeps only the input and two
-numbers per channel); the per-channel algebra (folding, running statistics, every parameter gradient) is C too, and
-a training forward or backward is one call (inside a training step Python costs several times what it costs alone).
+backward kernels), each a full pass over a `(batch, tokens, channels)` tensor. `csrc/dw_shortcut_cpu.cpp` (with
+the headers beside it, split by job) folds every branch's BatchNorm and kernel into one k x k scale kernel and
+shift kernel and computes, in one pass each, the batch statistics (leaving GELU in the output), the output with the
+add into the block output, the backward reductions, and the input gradient (GELU recomputed from the tokens, so
+autograd keeps only the input and two numbers per channel); the per-channel algebra (folding, running statistics,
+every parameter gradient) is C too, and a training forward or backward is one call (inside a training step Python
+costs several times what it costs alone).
 `_KernelShortcut` is the autograd node around it.
 
 The library is compiled on first use with the host C++ compiler (about two seconds) into a cache folder keyed by
-the source, the compiler and the CPU, and loaded with ctypes. Without a compiler, with `DWVIT_CPU_KERNEL=0`, or
+the sources, the compiler and the CPU, and loaded with ctypes. Without a compiler, with `DWVIT_CPU_KERNEL=0`, or
 wherever `kernel_applies` says no (graph capture, hooks on the shortcut's parts, other modules in its slots,
 weights other than float32, another device), the shortcut runs as PyTorch ops (dw_shortcut_autograd.py,
 dw_layers.py).
@@ -64,6 +65,11 @@ def _source_path() -> Path | None:
     return installed if installed.is_file() else None
 
 
+def _source_files(source: Path) -> list[Path]:
+    """The translation unit `source` and the headers beside it that it includes: what the build depends on."""
+    return [source, *sorted(source.parent.glob("*.h"))]
+
+
 def _cpu_signature() -> str:
     """What `-march=native` depends on: the CPU's model and flags."""
     try:
@@ -106,7 +112,8 @@ def load_library() -> ctypes.CDLL | None:
         return None
     try:
         version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-        identity = [source.read_text(), version, repr((_FLAGS, _arch_flags())), _cpu_signature()]
+        sources = [path.read_text() for path in _source_files(source)]
+        identity = [*sources, version, repr((_FLAGS, _arch_flags())), _cpu_signature()]
         key = hashlib.sha256("\0".join(identity).encode())
         target = _cache_dir() / f"dw_shortcut_cpu_{key.hexdigest()[:16]}.so"
         if not target.is_file():
