@@ -59,6 +59,21 @@ def test_pipeline_with_remote_code_only_classifies_the_examples(run_without_dwvi
     assert json.loads(result.stdout.strip().splitlines()[-1]) == [true_label(path) for path in EXAMPLES]
 
 
+def test_the_remote_code_is_what_the_package_saves_today(tmp_path):
+    """`trust_remote_code=True` runs the folder's `.py` files even where dwvit is installed: they must be the ones
+    `save_pretrained` writes from the package now (the fused kernel's loader and the autograd nodes included), not
+    a snapshot of the code the model was trained with."""
+    from transformers import AutoModelForImageClassification
+
+    import dwvit  # noqa: F401
+
+    AutoModelForImageClassification.from_pretrained(CHECKPOINT).save_pretrained(tmp_path)
+    saved = {path.name: path.read_text() for path in tmp_path.glob("*.py")}
+    shipped = {path.name: path.read_text() for path in CHECKPOINT.glob("*.py")}
+    assert sorted(shipped) == sorted(saved)
+    assert [name for name in saved if shipped[name] != saved[name]] == []
+
+
 def test_stated_accuracy_is_what_the_pipeline_gives_on_the_full_test_split(cifar10_dir):
     import datasets
     from ship_checkpoint import classify_split

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import difflib
+import math
+
 from transformers import PretrainedConfig
+from transformers.activations import ACT2FN
 
 
 # Initialisations of the shortcut's depth-wise conv: the paper's (PyTorch's default) or an exact no-op start.
@@ -49,7 +53,8 @@ def validate_patch_grid(config) -> None:
 
 
 def validate_depthwise_fields(config, num_blocks: int) -> None:
-    """Check the shortcut fields every DW family shares; raise a ValueError naming the field."""
+    """Check the shortcut fields every DW family shares, and its norm epsilons and activation; raise a ValueError
+    naming the field."""
     kernel_sizes = config.dw_kernel_sizes
     if not isinstance(kernel_sizes, (list, tuple)) or len(kernel_sizes) == 0:
         raise ValueError(
@@ -69,6 +74,26 @@ def validate_depthwise_fields(config, num_blocks: int) -> None:
     if config.dw_init not in DW_INIT_CHOICES:
         allowed = ", ".join(repr(choice) for choice in DW_INIT_CHOICES)
         raise ValueError(f"dw_init must be one of {allowed}; got {config.dw_init!r}.")
+    validate_epsilons_and_activation(config)
+
+
+def validate_epsilons_and_activation(config) -> None:
+    """Norm epsilons must be positive (zero divides by zero on a constant channel) and `hidden_act` one of
+    transformers' activations (a wrong name would fail only when the model is built, as a bare KeyError)."""
+    for name in ("layer_norm_eps", "dw_batch_norm_eps"):
+        value = getattr(config, name, None)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{name} must be a positive finite number (e.g. 1e-5); got {value!r}.")
+    activation = getattr(config, "hidden_act", None)
+    if isinstance(activation, str) and activation not in ACT2FN:
+        close = difflib.get_close_matches(activation, list(ACT2FN), n=3)
+        hint = f" (did you mean {' or '.join(repr(name) for name in close)}?)" if close else ""
+        raise ValueError(
+            f"hidden_act {activation!r} is not one of transformers' activations{hint}; known: "
+            f"{', '.join(sorted(ACT2FN))}."
+        )
 
 
 class DWViTConfig(PretrainedConfig):

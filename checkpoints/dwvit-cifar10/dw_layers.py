@@ -13,6 +13,18 @@ import torch.utils.checkpoint
 from torch import nn
 from transformers import initialization as init
 
+from .dw_shortcut_autograd import (
+    add_shortcut,
+    autocast_off,
+    grid_tokens,
+    has_float32_weights,
+    patch_grid,
+    recomputation_applies,
+    recomputing_shortcut,
+    upcasts,
+)
+from .dw_shortcut_kernel import kernel_adds, kernel_applies, kernel_shortcut
+
 
 def eager_attention_forward(
     module: nn.Module,
@@ -90,9 +102,28 @@ class DepthwiseShortcut(nn.Module):
         return self.fused_weight is not None
 
     def forward(self, tokens: torch.Tensor, height: int, width: int, num_prefix_tokens: int = 0) -> torch.Tensor:
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+        self._check_grid(tokens, height, width, num_prefix_tokens)
+        with autocast_off(tokens.device.type) if self._in_float32_under_autocast(tokens) else contextlib.nullcontext():
+            output = self._shortcut(tokens, height, width, num_prefix_tokens)
+        return output.to(tokens.dtype) if upcasts(self, tokens) else output
+
+    def _in_float32_under_autocast(self, tokens: torch.Tensor) -> bool:
+        """Whether autocast is on and the shortcut's weights are float32: it then computes in float32, as autocast
+        keeps its norms. In DWViT and DWCaiT its input and output are the residual stream, float32 under autocast,
+        so half precision would save the memory-bound shortcut no traffic, only add casts; and every path (the fused
+        kernel, the recomputing node, the plain modules) computes the same. Half-precision tokens (DWSwin's) are
+        cast up inside each path and the result rounded once to their dtype (`upcasts`). A shortcut with
+        half-precision weights (a model cast to bf16) runs under autocast as its modules would."""
+        device = tokens.device.type
+        if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):  # none on "meta"
+            return False
+        return has_float32_weights(self)
+
+    def _shortcut(self, tokens: torch.Tensor, height: int, width: int, num_prefix_tokens: int) -> torch.Tensor:
+        if self._checkpointing():
             return torch.utils.checkpoint.checkpoint(
-                self._shortcut,
+                reference_shortcut,
+                self,
                 tokens,
                 height,
                 width,
@@ -100,30 +131,38 @@ class DepthwiseShortcut(nn.Module):
                 use_reentrant=False,
                 context_fn=self._recompute_contexts,
             )
-        return self._shortcut(tokens, height, width, num_prefix_tokens)
+        if kernel_applies(self, tokens):
+            return kernel_shortcut(self, tokens, height, width, num_prefix_tokens)
+        if not self.is_fused and recomputation_applies(self, tokens):
+            return recomputing_shortcut(self, tokens, height, width, num_prefix_tokens)
+        return reference_shortcut(self, tokens, height, width, num_prefix_tokens)
 
-    def _shortcut(self, tokens: torch.Tensor, height: int, width: int, num_prefix_tokens: int) -> torch.Tensor:
-        batch_size, num_tokens, channels = tokens.shape
-        if num_tokens - num_prefix_tokens != height * width:
+    def add_to(self, block_output: torch.Tensor, tokens: torch.Tensor, height: int, width: int,
+               num_prefix_tokens: int = 0) -> torch.Tensor:
+        """`block_output` with the shortcut of `tokens` added to its patch tokens: what every family's encoder does
+        after a block group. Where the fused CPU kernel applies, the sum is written in the shortcut's own pass;
+        otherwise (or with forward hooks on this module, which must see its output) it is
+        `add_shortcut(block_output, self(tokens, ...), num_prefix_tokens)`."""
+        if not self._checkpointing() and kernel_adds(self, block_output, tokens):
+            self._check_grid(tokens, height, width, num_prefix_tokens)
+            return kernel_shortcut(self, tokens, height, width, num_prefix_tokens, block_output)
+        return add_shortcut(block_output, self(tokens, height, width, num_prefix_tokens), num_prefix_tokens)
+
+    def _checkpointing(self) -> bool:
+        return self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+
+    @staticmethod
+    def _check_grid(tokens: torch.Tensor, height: int, width: int, num_prefix_tokens: int) -> None:
+        num_patches = tokens.shape[1] - num_prefix_tokens
+        if num_patches != height * width:
             raise ValueError(
-                f"The depth-wise shortcut got {num_tokens - num_prefix_tokens} patch tokens for a {height}x{width} "
-                f"grid; expected {height * width}."
+                f"The depth-wise shortcut got {num_patches} patch tokens for a {height}x{width} grid; expected "
+                f"{height * width}."
             )
-        # Row-major patch tokens viewed as (B, H, W, C) and permuted to NCHW are channels-last already, so the norm
-        # and the oneDNN depth-wise conv read them without a copy (in NCHW the conv is markedly slower on the CPU).
-        grid = tokens[:, num_prefix_tokens:].reshape(batch_size, height, width, channels).permute(0, 3, 1, 2)
-        grid = self.activation(grid)
-        if self.is_fused:
-            output = self._fused_conv(grid)
-        else:
-            output = self.branches[0](grid)
-            for branch in self.branches[1:]:
-                output = output + branch(grid)
-        return output.permute(0, 2, 3, 1).reshape(batch_size, height * width, channels)
 
     def _recompute_contexts(self):
         """Checkpoint contexts: the forward runs as is; its recomputation in backward must not move statistics."""
-        return contextlib.nullcontext(), _running_statistics_frozen([branch.norm for branch in self.branches])
+        return contextlib.nullcontext(), _FrozenRunningStatistics(self.branches)
 
     @torch.no_grad()
     def fuse(self) -> None:
@@ -183,9 +222,23 @@ class DepthwiseShortcut(nn.Module):
 
     def _fused_conv(self, grid: torch.Tensor) -> torch.Tensor:
         channels, height, width = grid.shape[1:]
-        kernel = self.fused_weight.shape[-1]
-        output = F.conv2d(grid, self.fused_weight, None, padding=kernel // 2, groups=channels)
-        return output + self._bias_map(height, width, output.dtype)
+        reach = self.fused_weight.shape[-1] // 2
+        # In half precision the map is added whole, so that it is rounded once, like every other fused term.
+        low_precision = grid.dtype in (torch.float16, torch.bfloat16)
+        if low_precision or 2 * reach >= min(height, width):  # or every position lies near a border
+            output = F.conv2d(grid, self.fused_weight, None, padding=reach, groups=channels)
+            return output.add_(self._bias_map(height, width, output.dtype))
+        # The conv adds the bias of the interior, where the whole window lies inside the grid; only the rows and
+        # columns within `reach` of a border, where zero padding drops part of the shift, are corrected after.
+        bias_map = self._bias_map(height, width, grid.dtype)  # float32 or float64 here: the conv output's dtype
+        interior = bias_map[0, :, reach, reach]
+        output = F.conv2d(grid, self.fused_weight, interior, padding=reach, groups=channels)
+        correction = bias_map - interior.view(1, -1, 1, 1)
+        borders, middle = (slice(None, reach), slice(-reach, None)), slice(reach, height - reach)
+        for band in borders:
+            output[:, :, band] += correction[:, :, band]  # top and bottom rows
+            output[:, :, middle, band] += correction[:, :, middle, band]  # left and right columns between them
+        return output
 
     def _bias_map(self, height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
         """The fused bias at every grid position, `(1, C, H, W)`: `conv_{w*t}(ones) + b` with zero padding."""
@@ -196,31 +249,56 @@ class DepthwiseShortcut(nn.Module):
             return self._bias_maps[key]
         channels, kernel = self.fused_shift_weight.shape[0], self.fused_shift_weight.shape[-1]
         ones = self.fused_shift_weight.new_ones(1, channels, height, width)
-        # Autocast would round the map to half precision before the single cast below.
-        with torch.autocast(ones.device.type, enabled=False):
+        # Autocast (a direct call of `reference_shortcut` under it) would round the map before the single cast below.
+        with autocast_off(ones.device.type):
             bias_map = F.conv2d(ones, self.fused_shift_weight, self.fused_bias, padding=kernel // 2, groups=channels)
-        bias_map = bias_map.to(dtype)
+        # Channels-last like the conv output it is added to: a broadcast add across layouts is several times slower.
+        bias_map = bias_map.to(dtype).contiguous(memory_format=torch.channels_last)
         if not capturing:
             self._bias_maps[key] = bias_map
         return bias_map
 
 
-@contextlib.contextmanager
-def _running_statistics_frozen(norms):
-    # Momentum 0 keeps running statistics exactly (running * 1 + batch * 0); the batch counter is restored.
-    # A norm without a momentum (DETR's frozen BatchNorm) has no statistics to move.
-    norms = [norm for norm in norms if hasattr(norm, "momentum")]
-    saved = [(norm.momentum, getattr(norm, "num_batches_tracked", None)) for norm in norms]
-    saved = [(momentum, None if counter is None else counter.clone()) for momentum, counter in saved]
-    for norm in norms:
-        norm.momentum = 0.0
-    try:
-        yield
-    finally:
-        for norm, (momentum, counter) in zip(norms, saved):
+def reference_shortcut(shortcut: DepthwiseShortcut, tokens: torch.Tensor, height: int, width: int,
+                       num_prefix_tokens: int = 0) -> torch.Tensor:
+    """The shortcut as plain module calls (its definition): what every faster path must compute. Half-precision
+    tokens of a float32 shortcut (DWSwin's under autocast) are computed from in float32 (`upcasts`)."""
+    grid = patch_grid(tokens, height, width, num_prefix_tokens)
+    grid = shortcut.activation(grid.float() if upcasts(shortcut, tokens) else grid)
+    if shortcut.is_fused:
+        output = shortcut._fused_conv(grid)
+    else:
+        output = shortcut.branches[0](grid)
+        for branch in shortcut.branches[1:]:
+            output = output + branch(grid)
+    return grid_tokens(output)
+
+
+class _FrozenRunningStatistics:
+    """A context in which the `branches`' BatchNorms compute with batch statistics but leave their running
+    statistics and batch counters as they were. Re-enterable: a checkpoint recomputes once per backward, and a
+    double backward runs more than one."""
+
+    def __init__(self, branches):
+        # Momentum 0 keeps running statistics exactly (running * 1 + batch * 0); the batch counter is restored.
+        # A norm without a momentum (DETR's frozen BatchNorm) has no statistics to move.
+        self.norms = [branch.norm for branch in branches if hasattr(branch.norm, "momentum")]
+        self.saved = []
+
+    def __enter__(self):
+        counters = [getattr(norm, "num_batches_tracked", None) for norm in self.norms]
+        self.saved.append([(norm.momentum, None if counter is None else counter.clone())
+                           for norm, counter in zip(self.norms, counters)])  # fmt: skip
+        for norm in self.norms:
+            norm.momentum = 0.0
+        return self
+
+    def __exit__(self, *exception):
+        for norm, (momentum, counter) in zip(self.norms, self.saved.pop()):
             norm.momentum = momentum
             if counter is not None:
                 norm.num_batches_tracked.copy_(counter)
+        return False
 
 
 def _norm_as_affine(norm: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -247,13 +325,6 @@ def depthwise_shortcuts(config, channels: int, num_groups: int) -> nn.ModuleList
     return nn.ModuleList(
         DepthwiseShortcut(channels, config.dw_kernel_sizes, config.dw_batch_norm_eps) for _ in range(num_groups)
     )
-
-
-def add_shortcut(block_output: torch.Tensor, shortcut_output: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
-    """Add the shortcut to the patch tokens of `block_output`; prefix (class) tokens receive zeros."""
-    if num_prefix_tokens:
-        shortcut_output = F.pad(shortcut_output, (0, 0, num_prefix_tokens, 0))
-    return block_output + shortcut_output
 
 
 def init_shortcut_weights(module: nn.Module, dw_init: str) -> bool:
@@ -327,6 +398,11 @@ def image_classification_loss(logits: torch.Tensor, labels: torch.Tensor, config
     Unlike the generic `transformers` rule, float targets of shape `(batch, num_labels)` are read as class
     probabilities (soft cross-entropy) unless `config.problem_type` says multi-label.
     """
+    if getattr(config, "num_labels", None) == 0:
+        raise ValueError(
+            "This model has no classification head (num_labels=0): its logits are the pooled features, so labels "
+            "cannot be scored. Build it with num_labels set to the number of classes, or call it without labels."
+        )
     num_labels = logits.shape[-1]
     labels = labels.to(logits.device)
     problem_type = getattr(config, "problem_type", None)

@@ -15,7 +15,6 @@ from .configuration_dwvit import DWViTConfig, to_pair
 from .dw_layers import (
     DropPath,
     RemoteCodeSaveMixin,
-    add_shortcut,
     block_groups,
     depthwise_shortcuts,
     drop_path_rates,
@@ -206,8 +205,8 @@ class DWViTEncoder(nn.Module):
                 if output_hidden_states and layer is not self.layers[end - 1]:
                     all_hidden_states = all_hidden_states + (hidden_states,)
             if self.shortcuts is not None:
-                shortcut = self.shortcuts[group_index](group_input, *grid_size, num_prefix_tokens)
-                hidden_states = add_shortcut(hidden_states, shortcut, num_prefix_tokens)
+                shortcut = self.shortcuts[group_index]
+                hidden_states = shortcut.add_to(hidden_states, group_input, *grid_size, num_prefix_tokens)
             if output_hidden_states:
                 all_hidden_states = all_hidden_states + (hidden_states,)
         return BaseModelOutput(
