@@ -208,6 +208,25 @@ def test_eval_after_a_training_step_uses_the_moved_running_statistics():
     torch.testing.assert_close(shortcut(tokens, 4, 4, 1), reference_shortcut(shortcut, tokens, 4, 4, 1))
 
 
+@pytest.mark.parametrize("adds", [False, True], ids=["shortcut", "added"])
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_an_inference_pass_through_the_kernel_shows_in_a_profile(adds, fused):
+    """The eval forward is one ctypes call with no autograd node: a profile must still name it, as it names the
+    training node."""
+    shortcut = make_shortcut(16, [3, 5], training=False)
+    if fused:
+        shortcut.fuse()
+    tokens, block_output = torch.randn(2, 1 + 16, 16), torch.randn(2, 1 + 16, 16)
+    assert kernel_applies(shortcut, tokens)
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        shortcut.add_to(block_output, tokens, 4, 4, 1) if adds else shortcut(tokens, 4, 4, 1)
+    events = {event.key: event.count for event in profile.key_averages()}
+    assert events.get("_KernelShortcut") == 1, sorted(events)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as training_profile:
+        shortcut.train()(tokens.requires_grad_(), 4, 4, 1).sum().backward()
+    assert "_KernelShortcut" in {event.key for event in training_profile.key_averages()}
+
+
 def test_a_forward_hook_on_the_shortcut_sees_its_output_when_it_is_added():
     shortcut = make_shortcut(16, [3], training=True)
     seen = []
