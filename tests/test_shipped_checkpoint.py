@@ -71,7 +71,8 @@ def test_the_remote_code_is_what_the_package_saves_today(tmp_path):
     saved = {path.name: path.read_text() for path in tmp_path.glob("*.py")}
     shipped = {path.name: path.read_text() for path in CHECKPOINT.glob("*.py")}
     assert sorted(shipped) == sorted(saved)
-    assert [name for name in saved if shipped[name] != saved[name]] == []
+    stale = [name for name in saved if shipped[name] != saved[name]]
+    assert stale == [], f"refresh them: cp {' '.join(f'src/dwvit/models/{name}' for name in stale)} {CHECKPOINT}/"
 
 
 def test_stated_accuracy_is_what_the_pipeline_gives_on_the_full_test_split(cifar10_dir):
