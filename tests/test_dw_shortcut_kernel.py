@@ -11,6 +11,7 @@ import shlex
 import shutil
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -206,6 +207,34 @@ def test_eval_after_a_training_step_uses_the_moved_running_statistics():
     assert all(branch.norm.running_var._version > v for branch, v in zip(shortcut.branches, versions))
     shortcut.eval()
     torch.testing.assert_close(shortcut(tokens, 4, 4, 1), reference_shortcut(shortcut, tokens, 4, 4, 1))
+
+
+@pytest.mark.parametrize("num_prefix_tokens", [0, 1])
+@pytest.mark.parametrize("mode", ["train", "eval", "fused"])
+def test_the_kernel_adds_a_residual_as_the_block_would_have(num_prefix_tokens, mode):
+    """`add_to(branch, tokens, ..., residual=r)` is `add_shortcut(branch + r, shortcut(tokens))`, the block's own add
+    then the shortcut's, to the bit; both addends get the output's gradient."""
+    shortcut = make_shortcut(24, [3, 5], training=mode == "train")
+    if mode == "fused":
+        shortcut.fuse()
+    reference = copy.deepcopy(shortcut)
+    shape = (3, num_prefix_tokens + 20, 24)
+    tokens, branch, residual = (torch.randn(shape, requires_grad=True) for _ in range(3))
+    assert kernel_adds(shortcut, branch, tokens, residual)
+    output = shortcut.add_to(branch, tokens, 4, 5, num_prefix_tokens, residual=residual)
+    expected_inputs = [tensor.detach().clone().requires_grad_() for tensor in (tokens, branch, residual)]
+    with mock.patch.object(dw_shortcut_kernel, "load_library", lambda: None):  # the PyTorch-ops path
+        expected = add_shortcut(expected_inputs[1] + expected_inputs[2],
+                                reference(expected_inputs[0], 4, 5, num_prefix_tokens), num_prefix_tokens)  # fmt: skip
+    # The kernel's stencil sums in its own order: the shortcut agrees to rounding, the adds around it exactly.
+    torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # in training, the same batch statistics again
+        assert torch.equal(output, shortcut.add_to(branch + residual, tokens, 4, 5, num_prefix_tokens))
+    output_grad = torch.randn(shape)
+    output.backward(output_grad)
+    expected.backward(output_grad)
+    assert torch.equal(branch.grad, output_grad) and torch.equal(residual.grad, output_grad)
+    torch.testing.assert_close(tokens.grad, expected_inputs[0].grad, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("adds", [False, True], ids=["shortcut", "added"])

@@ -14,6 +14,9 @@ from torch import nn
 from transformers import initialization as init
 
 from .dw_shortcut_autograd import (
+    _capturing_or_transforming,
+    _global_hooks_registered,
+    _has_hooks,
     add_shortcut,
     autocast_off,
     grid_tokens,
@@ -138,15 +141,30 @@ class DepthwiseShortcut(nn.Module):
         return reference_shortcut(self, tokens, height, width, num_prefix_tokens)
 
     def add_to(self, block_output: torch.Tensor, tokens: torch.Tensor, height: int, width: int,
-               num_prefix_tokens: int = 0) -> torch.Tensor:
+               num_prefix_tokens: int = 0, residual: torch.Tensor | None = None) -> torch.Tensor:
         """`block_output` with the shortcut of `tokens` added to its patch tokens: what every family's encoder does
         after a block group. Where the fused CPU kernel applies, the sum is written in the shortcut's own pass;
         otherwise (or with forward hooks on this module, which must see its output) it is
-        `add_shortcut(block_output, self(tokens, ...), num_prefix_tokens)`."""
-        if not self._checkpointing() and kernel_adds(self, block_output, tokens):
+        `add_shortcut(block_output, self(tokens, ...), num_prefix_tokens)`. With `residual`, `block_output` is the
+        last block's final branch and the block's own residual add `block_output + residual` is done here too (see
+        `takes_residual_add`)."""
+        if not self._checkpointing() and kernel_adds(self, block_output, tokens, residual):
             self._check_grid(tokens, height, width, num_prefix_tokens)
-            return kernel_shortcut(self, tokens, height, width, num_prefix_tokens, block_output)
+            return kernel_shortcut(self, tokens, height, width, num_prefix_tokens, block_output, residual)
+        if residual is not None:
+            block_output = block_output + residual
         return add_shortcut(block_output, self(tokens, height, width, num_prefix_tokens), num_prefix_tokens)
+
+    def takes_residual_add(self, block: nn.Module) -> bool:
+        """Whether the group's last `block` may leave its final residual add to `add_to`, which then writes
+        `branch + residual + shortcut` in the kernel's one pass instead of the block writing a sum for the kernel to
+        read back. Not where anything could tell: hooks on the block must see its output, a checkpointed block
+        would run the shortcut inside its recompute, and graph capture sees the plain ops."""
+        checkpointed = block.gradient_checkpointing and block.training and torch.is_grad_enabled()
+        return not (
+            checkpointed or self._checkpointing() or _has_hooks(block) or _global_hooks_registered()
+            or _capturing_or_transforming()
+        )  # fmt: skip
 
     def _checkpointing(self) -> bool:
         return self.gradient_checkpointing and self.training and torch.is_grad_enabled()

@@ -127,9 +127,9 @@ def load_library() -> ctypes.CDLL | None:
         )
         return None
     pointer, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-    library.dws_training_forward.argtypes = [*[pointer] * 3, *[i64] * 9, *[pointer] * 4, i32, pointer]
+    library.dws_training_forward.argtypes = [*[pointer] * 4, *[i64] * 9, *[pointer] * 4, i32, pointer]
     library.dws_training_backward.argtypes = [*[pointer] * 3, *[i64] * 9, pointer, pointer, i32, i32, pointer]
-    library.dws_forward.argtypes = [*[pointer] * 6, *[i64] * 8, i32]
+    library.dws_forward.argtypes = [*[pointer] * 7, *[i64] * 8, i32]
     library.dws_input_gradient.argtypes = [*[pointer] * 4, *[i64] * 8, i32]
     library.dws_fold.argtypes = [i64, pointer, pointer, i64, i64, pointer, pointer, pointer]
     return library
@@ -162,17 +162,22 @@ def kernel_applies(shortcut: nn.Module, tokens: torch.Tensor) -> bool:
     return load_library() is not None
 
 
-def kernel_adds(shortcut: nn.Module, block_output: torch.Tensor, tokens: torch.Tensor) -> bool:
-    """Whether the kernel can also add the shortcut to `block_output` (same shape, both float32, contiguous); the
-    module's own forward hooks must see its output, so they keep the separate add."""
+def kernel_adds(shortcut: nn.Module, block_output: torch.Tensor, tokens: torch.Tensor,
+                residual: torch.Tensor | None = None) -> bool:
+    """Whether the kernel can also add the shortcut to `block_output` (and `residual`, where given): same shape as the
+    tokens, all float32 and contiguous. The module's own forward hooks must see its output, so they keep the
+    separate add."""
+    addends = (block_output,) if residual is None else (block_output, residual)
     return (
         not _has_hooks(shortcut)
-        and block_output.shape == tokens.shape
-        and block_output.dtype == tokens.dtype == torch.float32
-        and block_output.is_contiguous()
-        and block_output.device == tokens.device
+        and tokens.dtype == torch.float32
+        and all(
+            addend.shape == tokens.shape and addend.dtype == torch.float32 and addend.is_contiguous()
+            and addend.device == tokens.device
+            for addend in addends
+        )
         and kernel_applies(shortcut, tokens)
-    )
+    )  # fmt: skip
 
 
 def _taps(weight: torch.Tensor, kernel: int) -> torch.Tensor:
@@ -280,9 +285,9 @@ def _training_forward(library, rows, strides, shape, kernel, shortcut, threads):
         statistics += [moments[0], moments[1 + index]]
         eps.append(norm.eps)
         momenta.append(norm.momentum if norm.momentum is not None else 1.0 / float(norm.num_batches_tracked))
-    x, add, y, prefix = rows
+    x, add, add2, y, prefix = rows
     library.dws_training_forward(
-        x, add, y, *shape, kernel, *strides, prefix, len(branches), *_branch_table(branches, statistics),
+        x, add, add2, y, *shape, kernel, *strides, prefix, len(branches), *_branch_table(branches, statistics),
         (ctypes.c_double * len(eps))(*eps), (ctypes.c_double * len(momenta))(*momenta), threads, _seconds_pointer(0),
     )  # fmt: skip
     # written outside PyTorch: their versions must still move (the eval fold's cache key)
@@ -295,8 +300,9 @@ def _largest_kernel(branches) -> int:
     return max(branch.conv.kernel_size[0] for branch in branches)
 
 
-def _forward(tokens, block_output, shortcut, height, width, num_prefix_tokens):
-    """The kernel's forward: the shortcut, or `block_output` with it added; also what backward needs."""
+def _forward(tokens, block_output, shortcut, height, width, num_prefix_tokens, residual=None):
+    """The kernel's forward: the shortcut, or `block_output` (plus `residual`, where given) with it added; also what
+    backward needs."""
     library, threads = load_library(), torch.get_num_threads()
     tokens = tokens.float()  # the tokens themselves when float32
     batch_size, channels = tokens.shape[0], tokens.shape[2]
@@ -306,20 +312,21 @@ def _forward(tokens, block_output, shortcut, height, width, num_prefix_tokens):
     offset = num_prefix_tokens * channels * 4  # bytes (float32, contiguous rows)
     if block_output is None:
         output = tokens.new_empty((batch_size, height * width, channels))
-        rows = (tokens.data_ptr() + offset, None, output.data_ptr(), 0)
+        rows = (tokens.data_ptr() + offset, None, None, output.data_ptr(), 0)
     else:
         output = torch.empty_like(block_output)
-        rows = (tokens.data_ptr() + offset, block_output.data_ptr() + offset, output.data_ptr() + offset,
-                num_prefix_tokens * channels)  # fmt: skip
+        residual_row = None if residual is None else residual.data_ptr() + offset
+        rows = (tokens.data_ptr() + offset, block_output.data_ptr() + offset, residual_row,
+                output.data_ptr() + offset, num_prefix_tokens * channels)  # fmt: skip
     strides = (tokens.stride(0), output.stride(0))
     if not shortcut.is_fused and shortcut.branches[0].norm.training:
         kernel = _largest_kernel(shortcut.branches)
         statistics = _training_forward(library, rows, strides, shape, kernel, shortcut, threads)
         return output, (kernel, True, statistics)
     kernel, scale_taps, shift_taps, bias, statistics = _folded_with_running_statistics(library, shortcut)
-    x, add, y, prefix = rows
+    x, add, add2, y, prefix = rows
     library.dws_forward(
-        x, scale_taps.data_ptr(), shift_taps.data_ptr(), bias.data_ptr(), add, y, *shape, kernel, *strides, prefix,
+        x, scale_taps.data_ptr(), shift_taps.data_ptr(), bias.data_ptr(), add, add2, y, *shape, kernel, *strides, prefix,
         threads,
     )  # fmt: skip
     return output, (kernel, False, statistics)
@@ -327,12 +334,13 @@ def _forward(tokens, block_output, shortcut, height, width, num_prefix_tokens):
 
 class _KernelShortcut(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, tokens, block_output, shortcut, height, width, num_prefix_tokens, *parameters):
+    def forward(ctx, tokens, block_output, residual, shortcut, height, width, num_prefix_tokens, *parameters):
         output, (kernel, batch_statistics, statistics) = _forward(
-            tokens, block_output, shortcut, height, width, num_prefix_tokens
+            tokens, block_output, shortcut, height, width, num_prefix_tokens, residual
         )
         ctx.shortcut, ctx.grid_shape = shortcut, (height, width, num_prefix_tokens)
         ctx.kernel, ctx.batch_statistics, ctx.adds = kernel, batch_statistics, block_output is not None
+        ctx.adds_residual = residual is not None
         ctx.fused = shortcut.is_fused
         fused = [shortcut.fused_weight] if ctx.fused else []
         ctx.save_for_backward(tokens, *fused, *statistics, *parameters)
@@ -343,6 +351,7 @@ class _KernelShortcut(torch.autograd.Function):
         shortcut, (height, width, num_prefix_tokens) = ctx.shortcut, ctx.grid_shape
         tokens, *saved = ctx.saved_tensors
         block_grad = output_grad if ctx.adds else None
+        residual_grad = output_grad if ctx.adds_residual else None
         fused_weight = saved.pop(0) if ctx.fused else None
         num_branches = len(saved) // 6  # two statistics and four parameters per branch; none when fused
         statistics, parameters = saved[: 2 * num_branches], saved[2 * num_branches :]
@@ -351,7 +360,7 @@ class _KernelShortcut(torch.autograd.Function):
             tokens_grad, *parameter_grads = _differentiable_backward(
                 shortcut, tokens, parameters, patches_grad, ctx.grid_shape
             )
-            return (tokens_grad, block_grad, None, None, None, None, *parameter_grads)
+            return (tokens_grad, block_grad, residual_grad, None, None, None, None, *parameter_grads)
 
         library, threads, kernel = load_library(), torch.get_num_threads(), ctx.kernel
         tokens_dtype, tokens = tokens.dtype, tokens.float()
@@ -369,7 +378,7 @@ class _KernelShortcut(torch.autograd.Function):
                 pointers[0], pointers[1], scale_taps.data_ptr(), pointers[2], *shape, kernel, tokens.stride(0),
                 output_grad.stride(0), offset // 4, threads,
             )  # fmt: skip
-            return (tokens_grad.to(tokens_dtype), block_grad, None, None, None, None)
+            return (tokens_grad.to(tokens_dtype), block_grad, residual_grad, None, None, None, None)
         parameter_grads = [torch.empty_like(parameter) for parameter in parameters]
         # From the saved tensors alone (the running statistics are not read in backward).
         rows = [[*parameters[4 * n : 4 * n + 4], None, None, *statistics[2 * n : 2 * n + 2],
@@ -378,21 +387,24 @@ class _KernelShortcut(torch.autograd.Function):
             *pointers, *shape, kernel, tokens.stride(0), output_grad.stride(0), offset // 4, num_branches,
             *_pointer_table(rows), int(ctx.batch_statistics), threads, _seconds_pointer(3),
         )  # fmt: skip
-        return (tokens_grad.to(tokens_dtype), block_grad, None, None, None, None, *parameter_grads)
+        return (tokens_grad.to(tokens_dtype), block_grad, residual_grad, None, None, None, None, *parameter_grads)
 
 
 def kernel_shortcut(shortcut: nn.Module, tokens: torch.Tensor, height: int, width: int, num_prefix_tokens: int,
-                    block_output: torch.Tensor | None = None) -> torch.Tensor:
+                    block_output: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
     """The shortcut of `tokens` through the fused kernel, `(B, H*W, C)`; with `block_output`, that tensor with the
-    shortcut added to its patch tokens, in the same pass. Call it where `kernel_applies` (and `kernel_adds`)."""
+    shortcut added to its patch tokens, in the same pass, and with `residual` too, `(block_output + residual)` plus
+    the shortcut. Call it where `kernel_applies` (and `kernel_adds`)."""
     if not torch.is_grad_enabled():  # no graph to record: skip the autograd node's bookkeeping
         if not torch.autograd._profiler_enabled():
-            return _forward(tokens, block_output, shortcut, height, width, num_prefix_tokens)[0]
+            return _forward(tokens, block_output, shortcut, height, width, num_prefix_tokens, residual)[0]
         # A ctypes call leaves no event: name it as the node is named in training, so a profile accounts for it.
         with torch.profiler.record_function(_KernelShortcut.__name__):
-            return _forward(tokens, block_output, shortcut, height, width, num_prefix_tokens)[0]
+            return _forward(tokens, block_output, shortcut, height, width, num_prefix_tokens, residual)[0]
     parameters = []
     if not shortcut.is_fused:
         for branch in shortcut.branches:
             parameters += [branch.norm.weight, branch.norm.bias, branch.conv.weight, branch.conv.bias]
-    return _KernelShortcut.apply(tokens, block_output, shortcut, height, width, num_prefix_tokens, *parameters)
+    return _KernelShortcut.apply(
+        tokens, block_output, residual, shortcut, height, width, num_prefix_tokens, *parameters
+    )

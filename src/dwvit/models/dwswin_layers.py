@@ -257,7 +257,10 @@ class DWSwinLayer(GradientCheckpointingLayer):
         different = regions[:, None, :] != regions[:, :, None]
         return torch.zeros(different.shape, device=device, dtype=dtype).masked_fill(different, -100.0)
 
-    def forward(self, hidden_states: torch.Tensor, input_dimensions: tuple[int, int], output_attentions: bool = False):
+    def forward(self, hidden_states: torch.Tensor, input_dimensions: tuple[int, int], output_attentions: bool = False,
+                defer_residual_add: bool = False):
+        """With `defer_residual_add`, returns `(mlp branch, residual)` in place of their sum, for the stage's
+        depth-wise shortcut to add in its own pass (`DepthwiseShortcut.takes_residual_add`)."""
         height, width = input_dimensions
         batch_size, _, channels = hidden_states.shape
         # An input grid no larger than the window (other resolutions than the trained one) fits one window: no shift.
@@ -284,5 +287,7 @@ class DWSwinLayer(GradientCheckpointingLayer):
         attention_output = grid[:, :height, :width].reshape(batch_size, height * width, channels)
 
         hidden_states = self.drop_path(self.attention_dropout(attention_output)) + hidden_states
-        hidden_states = self.drop_path(self.mlp(self.layernorm_after(hidden_states))) + hidden_states
-        return hidden_states, attn_weights
+        branch = self.drop_path(self.mlp(self.layernorm_after(hidden_states)))
+        if defer_residual_add:
+            return (branch, hidden_states), attn_weights
+        return branch + hidden_states, attn_weights

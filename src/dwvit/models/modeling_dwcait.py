@@ -55,7 +55,10 @@ class DWCaiTEmbeddings(nn.Module):
             else:
                 embeddings = embeddings + self.position_embeddings
         class_tokens = self.cls_token.expand(embeddings.shape[0], -1, -1)
-        return self.dropout(embeddings), class_tokens, grid_size
+        # The patch tokens are a transposed view of the conv output, and the sum keeps that layout. Row-major tokens
+        # are what the blocks' LayerNorm reads without a copy and what the shortcut's CPU kernel takes (a transposed
+        # input sent the first shortcut to the slower PyTorch ops).
+        return self.dropout(embeddings.contiguous()), class_tokens, grid_size
 
 
 def _talking_heads(num_heads: int) -> nn.Linear:
@@ -217,11 +220,15 @@ class DWCaiTLayer(GradientCheckpointingLayer):
         self.layer_scale2 = _layer_scale(config)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
-    def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False):
+    def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False, defer_residual_add: bool = False):
+        """With `defer_residual_add`, returns `(mlp branch, residual)` in place of their sum, for the encoder's
+        depth-wise shortcut to add in its own pass (`DepthwiseShortcut.takes_residual_add`)."""
         attention_output, attn_weights = self.attention(self.layernorm_before(hidden_states), output_attentions)
         hidden_states = self.drop_path(self.layer_scale1(attention_output)) + hidden_states
-        hidden_states = self.drop_path(self.layer_scale2(self.mlp(self.layernorm_after(hidden_states)))) + hidden_states
-        return hidden_states, attn_weights
+        branch = self.drop_path(self.layer_scale2(self.mlp(self.layernorm_after(hidden_states))))
+        if defer_residual_add:
+            return (branch, hidden_states), attn_weights
+        return branch + hidden_states, attn_weights
 
 
 class DWCaiTClassAttentionLayer(GradientCheckpointingLayer):
@@ -281,15 +288,22 @@ class DWCaiTEncoder(nn.Module):
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
         for group_index, (start, end) in enumerate(self.groups):
-            group_input = hidden_states
+            group_input, residual = hidden_states, None
+            shortcut = self.shortcuts[group_index] if self.shortcuts is not None else None
             for index in range(start, end):
-                hidden_states, attn_weights = self.layers[index](hidden_states, output_attentions)
+                layer = self.layers[index]
+                if index == end - 1 and shortcut is not None and shortcut.takes_residual_add(layer):
+                    (hidden_states, residual), attn_weights = layer(
+                        hidden_states, output_attentions, defer_residual_add=True
+                    )
+                else:
+                    hidden_states, attn_weights = layer(hidden_states, output_attentions)
                 if all_attentions is not None:
                     all_attentions = all_attentions + (attn_weights,)
                 if output_hidden_states and index != end - 1:
                     all_hidden_states = all_hidden_states + (hidden_states,)
-            if self.shortcuts is not None:
-                hidden_states = self.shortcuts[group_index].add_to(hidden_states, group_input, *grid_size)
+            if shortcut is not None:
+                hidden_states = shortcut.add_to(hidden_states, group_input, *grid_size, residual=residual)
             if output_hidden_states:
                 all_hidden_states = all_hidden_states + (hidden_states,)
 

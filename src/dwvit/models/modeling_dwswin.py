@@ -96,12 +96,19 @@ class DWSwinStage(nn.Module):
         """Returns (output tokens, tokens before patch merging, output grid size, attention weights per block)."""
         attentions = ()
         for group_index, (start, end) in enumerate(self.groups):
-            group_input = hidden_states
-            for block in self.blocks[start:end]:
-                hidden_states, attn_weights = block(hidden_states, input_dimensions, output_attentions)
+            group_input, residual = hidden_states, None
+            shortcut = self.shortcuts[group_index] if self.shortcuts is not None else None
+            for index in range(start, end):
+                block = self.blocks[index]
+                if index == end - 1 and shortcut is not None and shortcut.takes_residual_add(block):
+                    (hidden_states, residual), attn_weights = block(
+                        hidden_states, input_dimensions, output_attentions, defer_residual_add=True
+                    )
+                else:
+                    hidden_states, attn_weights = block(hidden_states, input_dimensions, output_attentions)
                 attentions = attentions + (attn_weights,)
-            if self.shortcuts is not None:
-                hidden_states = self.shortcuts[group_index].add_to(hidden_states, group_input, *input_dimensions)
+            if shortcut is not None:
+                hidden_states = shortcut.add_to(hidden_states, group_input, *input_dimensions, residual=residual)
 
         before_downsampling = hidden_states
         output_dimensions = tuple(input_dimensions)

@@ -162,11 +162,15 @@ class DWViTLayer(GradientCheckpointingLayer):
         self.mlp = DWViTMLP(config)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
-    def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False):
+    def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False, defer_residual_add: bool = False):
+        """With `defer_residual_add`, returns `(mlp branch, residual)` in place of their sum, for the encoder's
+        depth-wise shortcut to add in its own pass (`DepthwiseShortcut.takes_residual_add`)."""
         attention_output, attn_weights = self.attention(self.layernorm_before(hidden_states), output_attentions)
         hidden_states = self.drop_path(self.attention_dropout(attention_output)) + hidden_states
-        hidden_states = self.drop_path(self.mlp(self.layernorm_after(hidden_states))) + hidden_states
-        return hidden_states, attn_weights
+        branch = self.drop_path(self.mlp(self.layernorm_after(hidden_states)))
+        if defer_residual_add:
+            return (branch, hidden_states), attn_weights
+        return branch + hidden_states, attn_weights
 
 
 class DWViTEncoder(nn.Module):
@@ -197,16 +201,24 @@ class DWViTEncoder(nn.Module):
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
         for group_index, (start, end) in enumerate(self.groups):
-            group_input = hidden_states
-            for layer in self.layers[start:end]:
-                hidden_states, attn_weights = layer(hidden_states, output_attentions)
+            group_input, residual = hidden_states, None
+            shortcut = self.shortcuts[group_index] if self.shortcuts is not None else None
+            for index in range(start, end):
+                layer = self.layers[index]
+                if index == end - 1 and shortcut is not None and shortcut.takes_residual_add(layer):
+                    (hidden_states, residual), attn_weights = layer(
+                        hidden_states, output_attentions, defer_residual_add=True
+                    )
+                else:
+                    hidden_states, attn_weights = layer(hidden_states, output_attentions)
                 if all_attentions is not None:
                     all_attentions = all_attentions + (attn_weights,)
-                if output_hidden_states and layer is not self.layers[end - 1]:
+                if output_hidden_states and index != end - 1:
                     all_hidden_states = all_hidden_states + (hidden_states,)
-            if self.shortcuts is not None:
-                shortcut = self.shortcuts[group_index]
-                hidden_states = shortcut.add_to(hidden_states, group_input, *grid_size, num_prefix_tokens)
+            if shortcut is not None:
+                hidden_states = shortcut.add_to(
+                    hidden_states, group_input, *grid_size, num_prefix_tokens, residual=residual
+                )
             if output_hidden_states:
                 all_hidden_states = all_hidden_states + (hidden_states,)
         return BaseModelOutput(

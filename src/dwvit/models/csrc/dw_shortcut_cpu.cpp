@@ -152,8 +152,9 @@ extern "C" {
 // which the caller makes every branch's kMean row, since all branches see the same GELU values; GELU into y),
 // every branch's running statistics and inverse deviation (kInverseStd), the folding, and the forward pass.
 // seconds (optional): statistics, per-channel work, forward.
-void dws_training_forward(const float* x, const float* add, float* y, int64_t batch, int64_t height, int64_t width,
-                          int64_t channels, int64_t kernel, int64_t x_stride, int64_t y_stride, int64_t prefix,
+void dws_training_forward(const float* x, const float* add, const float* add2, float* y, int64_t batch,
+                          int64_t height, int64_t width, int64_t channels, int64_t kernel, int64_t x_stride,
+                          int64_t y_stride, int64_t prefix,
                           int64_t count, const int64_t* sizes, void* const* table, const double* eps,
                           const double* momentum, int threads, double* seconds) {
   const Shape s{batch, height, width, channels, kernel, x_stride, y_stride, 0, prefix};
@@ -171,7 +172,7 @@ void dws_training_forward(const float* x, const float* add, float* y, int64_t ba
   float* bias = ws + kernel * kernel * channels;
   fold(t.branches(sizes), channels, kernel, wa, ws, bias);
   clock.lap(1);
-  forward(x, wa, ws, bias, add, true, y, s, threads);
+  forward(x, wa, ws, bias, add, add2, true, y, s, threads);
   clock.lap(2);
 }
 
@@ -202,12 +203,12 @@ void dws_training_backward(const float* x, const float* grad, float* x_grad, int
   clock.lap(2);
 }
 
-// The forward from folded kernels (eval mode, or the fused form): see `forward`.
-void dws_forward(const float* x, const float* wa, const float* ws, const float* bias, const float* add, float* y,
-                 int64_t batch, int64_t height, int64_t width, int64_t channels, int64_t kernel, int64_t x_stride,
-                 int64_t y_stride, int64_t prefix, int threads) {
-  forward(x, wa, ws, bias, add, false, y, Shape{batch, height, width, channels, kernel, x_stride, y_stride, 0, prefix},
-          threads);
+// The forward from folded kernels (eval mode, or the fused form): see `forward`; `add` and `add2` may be null.
+void dws_forward(const float* x, const float* wa, const float* ws, const float* bias, const float* add,
+                 const float* add2, float* y, int64_t batch, int64_t height, int64_t width, int64_t channels,
+                 int64_t kernel, int64_t x_stride, int64_t y_stride, int64_t prefix, int threads) {
+  forward(x, wa, ws, bias, add, add2, false, y,
+          Shape{batch, height, width, channels, kernel, x_stride, y_stride, 0, prefix}, threads);
 }
 
 // The input gradient with a fixed folded scale kernel (the fused form: no batch-statistics terms).

@@ -80,10 +80,11 @@ void statistics(const float* x, const Shape& s, float* gelu_out, float* mean, fl
 }
 
 // y = bias map + sum over in-grid taps of wa * gelu(x); with `add`, y = add + that, and the `prefix` elements before
-// each image's patch rows (class tokens) copied from `add`. With `gelu_written`, y already holds GELU(x) (from
-// `statistics`), which is read instead of recomputed.
-void forward(const float* x, const float* wa, const float* ws, const float* bias, const float* add, bool gelu_written,
-             float* y, const Shape& s, int threads) {
+// each image's patch rows (class tokens) copied from `add`. With `add2` too (the last block's residual add taken
+// over), `add + add2` stands for `add`, summed first as the block would have. With `gelu_written`, y already holds
+// GELU(x) (from `statistics`), which is read instead of recomputed.
+void forward(const float* x, const float* wa, const float* ws, const float* bias, const float* add, const float* add2,
+             bool gelu_written, float* y, const Shape& s, int threads) {
   const int64_t h_size = s.height, w_size = s.width, c = s.channels, row_size = w_size * c;
   const std::vector<float> start = bias_map(ws, bias, s);
 #pragma omp parallel num_threads(threads)
@@ -99,7 +100,14 @@ void forward(const float* x, const float* wa, const float* ws, const float* bias
         else gelu_image(x_b + h * row_size, row_size, padded.row(h));
       }
       const float* extra = add ? add + b * s.y_stride : nullptr;
-      if (extra && s.prefix) std::memcpy(out - s.prefix, extra - s.prefix, s.prefix * sizeof(float));
+      const float* extra2 = add2 ? add2 + b * s.y_stride : nullptr;
+      if (extra && s.prefix) {
+        if (extra2) {
+          for (int64_t n = -s.prefix; n < 0; ++n) out[n] = extra[n] + extra2[n];
+        } else {
+          std::memcpy(out - s.prefix, extra - s.prefix, s.prefix * sizeof(float));
+        }
+      }
       for (int64_t h = 0; h < h_size; ++h) {
         if (b + 1 < s.batch) {  // the next image's input: its stored GELU, or the tokens
           if (gelu_written) prefetch_read(out + s.y_stride + h * row_size, row_size);
@@ -108,7 +116,12 @@ void forward(const float* x, const float* wa, const float* ws, const float* bias
         std::memcpy(row.data(), start.data() + h * row_size, row_size * sizeof(float));
         stencil_row_any(padded.data, wa, s, h, row.data());
         float* destination = out + h * row_size;
-        if (extra) {
+        if (extra2) {
+          const float* block = extra + h * row_size;
+          const float* residual = extra2 + h * row_size;
+#pragma omp simd
+          for (int64_t n = 0; n < row_size; ++n) destination[n] = row[n] + (block[n] + residual[n]);
+        } else if (extra) {
           const float* block = extra + h * row_size;
 #pragma omp simd
           for (int64_t n = 0; n < row_size; ++n) destination[n] = row[n] + block[n];
