@@ -143,3 +143,33 @@ def test_a_hooked_block_keeps_its_add_and_its_hook_sees_the_block_output(family)
     assert torch.equal(logits, expected_logits)
     assert isinstance(outputs[0], torch.Tensor) and torch.equal(outputs[0], outputs[1])
     assert torch.equal(outputs[0], alone)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_under_bf16_autocast_a_low_precision_branch_still_gets_the_kernels_adding_pass(family, mode):
+    """Autocast leaves the last branch in bf16, which the kernel cannot add: the group must then add the residual
+    itself and still hand the float32 sum to the kernel's adding pass, as the block's own add did, rather than fall
+    back to a separate shortcut and add (more passes, more memory)."""
+    model = build(family).train(mode == "train")
+    pixels = torch.randn(2, 3, 32, 32)
+
+    def adding_calls_and_logits():
+        calls = []
+
+        def recording(*args, **kwargs):
+            calls.append(len(args) > 5 or "block_output" in kwargs)  # given a tensor to add to
+            return dw_shortcut_kernel.kernel_shortcut(*args, **kwargs)
+
+        with mock.patch("dwvit.models.dw_layers.kernel_shortcut", recording), torch.autocast("cpu", torch.bfloat16):
+            torch.manual_seed(1)
+            logits = model(pixel_values=pixels).logits
+        return calls, logits
+
+    with blocks_add_their_residual():
+        expected_calls, expected_logits = adding_calls_and_logits()
+    calls, logits = adding_calls_and_logits()
+    if family != "dwswin":  # DWSwin's tokens are bf16 under autocast: its kernel computes the shortcut alone
+        assert expected_calls == [True] * shortcut_groups(model)
+    assert calls == expected_calls
+    assert torch.equal(logits, expected_logits)

@@ -148,11 +148,16 @@ class DepthwiseShortcut(nn.Module):
         `add_shortcut(block_output, self(tokens, ...), num_prefix_tokens)`. With `residual`, `block_output` is the
         last block's final branch and the block's own residual add `block_output + residual` is done here too (see
         `takes_residual_add`)."""
-        if not self._checkpointing() and kernel_adds(self, block_output, tokens, residual):
+        kernel_allowed = not self._checkpointing()
+        if kernel_allowed and kernel_adds(self, block_output, tokens, residual):
             self._check_grid(tokens, height, width, num_prefix_tokens)
             return kernel_shortcut(self, tokens, height, width, num_prefix_tokens, block_output, residual)
         if residual is not None:
+            # A branch the kernel cannot read (bf16 under autocast) still leaves a float32 sum it can add to.
             block_output = block_output + residual
+            if kernel_allowed and kernel_adds(self, block_output, tokens):
+                self._check_grid(tokens, height, width, num_prefix_tokens)
+                return kernel_shortcut(self, tokens, height, width, num_prefix_tokens, block_output)
         return add_shortcut(block_output, self(tokens, height, width, num_prefix_tokens), num_prefix_tokens)
 
     def takes_residual_add(self, block: nn.Module) -> bool:
